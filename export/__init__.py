@@ -1,0 +1,1 @@
+"""bnpipe.export stage."""

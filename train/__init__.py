@@ -1,0 +1,1 @@
+"""bnpipe.train stage."""
