@@ -1,0 +1,214 @@
+"""Fold eval-mode BatchNorm layers into the Conv, ConvTranspose or Linear layer that feeds them.
+
+The arithmetic (:func:`fold_bn_params`) is a pure function computed in float64 and rounded once, back
+to the layer's dtype. :func:`fold_batchnorms` finds the foldable pairs in any module's forward graph
+with ``torch.fx`` and returns a new module; the module it is given is never changed.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, fx, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.conv import _ConvTransposeNd
+
+from bnpipe.errors import BnpipeError
+
+# Exact types, not isinstance: a subclass may override forward, and then folding could be wrong.
+_FOLDABLE: tuple[type[nn.Module], ...] = (
+    nn.Conv1d, nn.Conv2d, nn.Conv3d,
+    nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d,
+    nn.Linear,
+)  # fmt: skip
+
+
+def fold_bn_params(
+    weight: Tensor,
+    bias: Tensor | None,
+    bn_mean: Tensor,
+    bn_var: Tensor,
+    bn_eps: float,
+    gamma: Tensor | None,
+    beta: Tensor | None,
+    *,
+    transposed: bool = False,
+    groups: int = 1,
+) -> tuple[Tensor, Tensor]:
+    """Fold BatchNorm statistics into the weight and bias of the layer before it.
+
+    Computes ``w' = w * gamma / sqrt(var + eps)`` per output channel and
+    ``b' = (b - mean) * gamma / sqrt(var + eps) + beta`` in float64, then casts back once.
+
+    Args:
+        weight: Layer weight. Conv and Linear: ``[C_out, C_in/groups, *k]`` (Linear has no ``k``);
+            ConvTranspose (``transposed=True``): ``[C_in, C_out/groups, *k]``.
+        bias: Layer bias ``[C_out]``, or None for a layer without bias (treated as zeros).
+        bn_mean: BatchNorm running mean ``[C_out]``.
+        bn_var: BatchNorm running variance ``[C_out]``; the caller checks it is finite and >= 0.
+        bn_eps: That BatchNorm's own epsilon.
+        gamma: BatchNorm weight ``[C_out]``, or None when ``affine=False`` (treated as ones).
+        beta: BatchNorm bias ``[C_out]``, or None when ``affine=False`` (treated as zeros).
+        transposed: True for a ConvTranspose weight layout.
+        groups: The layer's ``groups``; only the transposed layout depends on it.
+
+    Returns:
+        The folded ``(weight, bias)``: the weight in ``weight``'s dtype and shape, the bias ``[C_out]`` in
+        ``bias``'s dtype (``weight``'s dtype when there was no bias).
+
+    Raises:
+        ValueError: If the BatchNorm's channel count does not match the layer's output channels.
+    """
+    f64 = torch.float64
+    out_channels = bn_mean.shape[0]
+    layer_out = weight.shape[1] * groups if transposed else weight.shape[0]
+    if layer_out != out_channels:
+        raise ValueError(f"BatchNorm has {out_channels} channels but the layer outputs {layer_out}")
+    # [C_out]: the per-channel factor, in float64 so the folded values are rounded only once.
+    scale = 1.0 / torch.sqrt(bn_var.to(f64) + bn_eps)
+    if gamma is not None:
+        scale = scale * gamma.to(f64)
+    kernel_ones = [1] * (weight.dim() - 2)
+    w64 = weight.to(f64)
+    if transposed:
+        # [C_in, C_out/g, *k] -> [g, C_in/g, C_out/g, *k]; output channel g*(C_out/g)+j sits at
+        # (group g, column j), so the scale is laid out as [g, 1, C_out/g, 1...].
+        per_group = out_channels // groups
+        grouped = w64.reshape(groups, weight.shape[0] // groups, per_group, *weight.shape[2:])
+        w64 = (grouped * scale.reshape(groups, 1, per_group, *kernel_ones)).reshape(weight.shape)
+    else:
+        w64 = w64 * scale.reshape(out_channels, 1, *kernel_ones)  # [C_out, 1, 1...]
+    b64 = -bn_mean.to(f64) if bias is None else bias.to(f64) - bn_mean.to(f64)
+    b64 = b64 * scale
+    if beta is not None:
+        b64 = b64 + beta.to(f64)
+    bias_dtype = weight.dtype if bias is None else bias.dtype
+    return w64.to(weight.dtype), b64.to(bias_dtype)
+
+
+@dataclass
+class FoldResult:
+    """What :func:`fold_batchnorms` did.
+
+    Attributes:
+        module: The new module, in eval mode, with the folded BatchNorms removed.
+        folded: ``(layer name, BatchNorm name)`` for each fold, in graph order.
+        left: Names of the BatchNorms left in place, in graph order.
+        reasons: For each name in ``left``, why it could not be folded.
+    """
+
+    module: nn.Module
+    folded: list[tuple[str, str]] = field(default_factory=list)
+    left: list[str] = field(default_factory=list)
+    reasons: dict[str, str] = field(default_factory=dict)
+
+
+def check_foldable_bn(name: str, bn: _BatchNorm) -> None:
+    """Refuse a BatchNorm whose eval-mode statistics cannot be folded.
+
+    Args:
+        name: The BatchNorm's qualified name in the model, used in the message.
+        bn: The BatchNorm module.
+
+    Raises:
+        BnpipeError: If it is in training mode, has no running statistics, or they are not usable.
+    """
+    if bn.training:
+        raise BnpipeError(f"{name}: BatchNorm is in training mode; call model.eval() before folding")
+    if not bn.track_running_stats or bn.running_mean is None or bn.running_var is None:
+        raise BnpipeError(f"{name}: BatchNorm has no running statistics (track_running_stats=False)")
+    if not torch.isfinite(bn.running_var).all():
+        raise BnpipeError(f"{name}: BatchNorm running_var has non-finite values")
+    if (bn.running_var < 0).any():
+        raise BnpipeError(f"{name}: BatchNorm running_var has negative values")
+    if not torch.isfinite(bn.running_mean).all():
+        raise BnpipeError(f"{name}: BatchNorm running_mean has non-finite values")
+
+
+def _references(graph: fx.Graph, name: str) -> int:
+    """Count the nodes that call module ``name`` or read one of its attributes."""
+    return sum(
+        1
+        for node in graph.nodes
+        if (node.op == "call_module" and node.target == name)
+        or (node.op == "get_attr" and str(node.target).startswith(name + "."))
+    )
+
+
+def _why_not_foldable(gm: fx.GraphModule, bn_node: fx.Node) -> str | None:
+    """Return why the BatchNorm at ``bn_node`` cannot be folded into its input, or None if it can."""
+    src = bn_node.args[0] if bn_node.args else None
+    if not isinstance(src, fx.Node) or src.op != "call_module":
+        what = f"{src.op} {getattr(src.target, '__name__', src.target)}" if isinstance(src, fx.Node) else src
+        return f"its input is not a Conv/ConvTranspose/Linear layer (it is {what})"
+    layer_name = str(src.target)
+    if type(gm.get_submodule(layer_name)) not in _FOLDABLE:
+        return f"its input {layer_name} is not a Conv/ConvTranspose/Linear layer"
+    if len(src.users) != 1:
+        return f"the output of {layer_name} is also used elsewhere; folding would change that use"
+    if _references(gm.graph, layer_name) != 1:
+        return f"{layer_name} is used more than once; folding would change its other uses"
+    return None
+
+
+def fold_batchnorms(model: nn.Module, *, strict: bool = False) -> FoldResult:
+    """Fold every BatchNorm that directly follows a Conv, ConvTranspose or Linear layer.
+
+    The model is traced with ``torch.fx``; a BatchNorm is folded when its input is the output of a
+    plain Conv1d/2d/3d, ConvTranspose1d/2d/3d or Linear module that nothing else uses. Linear + BN1d
+    assumes the Linear output is ``[N, C]``, the only layout where BN's channel axis is Linear's.
+
+    Args:
+        model: Any traceable module. It is deep-copied and never changed.
+        strict: If True, a BatchNorm that cannot be folded is an error instead of being left in place.
+
+    Returns:
+        A :class:`FoldResult` whose module is a new ``torch.fx.GraphModule`` in eval mode.
+
+    Raises:
+        BnpipeError: If the model cannot be traced, a BatchNorm is refused by :func:`check_foldable_bn`,
+            or (with ``strict``) a BatchNorm cannot be folded. The message names the module.
+    """
+    try:
+        gm = fx.symbolic_trace(copy.deepcopy(model))
+    except Exception as exc:  # fx raises many types; the user needs one line naming the model
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise BnpipeError(f"{type(model).__name__}: cannot be traced by torch.fx: {first_line}") from exc
+    result = FoldResult(module=gm)
+    for node in list(gm.graph.nodes):
+        if node.op != "call_module" or not isinstance(bn := gm.get_submodule(node.target), _BatchNorm):
+            continue
+        bn_name = str(node.target)
+        check_foldable_bn(bn_name, bn)
+        reason = _why_not_foldable(gm, node)
+        if reason is not None:
+            if strict:
+                raise BnpipeError(f"{bn_name}: BatchNorm cannot be folded: {reason}")
+            if bn_name not in result.reasons:
+                result.left.append(bn_name)
+                result.reasons[bn_name] = reason
+            continue
+        layer_node = node.args[0]
+        layer = gm.get_submodule(layer_node.target)
+        bias = None if layer.bias is None else layer.bias.detach()
+        weight, bias = fold_bn_params(
+            layer.weight.detach(), bias, bn.running_mean, bn.running_var, bn.eps,
+            None if bn.weight is None else bn.weight.detach(),
+            None if bn.bias is None else bn.bias.detach(),
+            transposed=isinstance(layer, _ConvTransposeNd), groups=getattr(layer, "groups", 1),
+        )  # fmt: skip
+        layer.weight = nn.Parameter(weight, requires_grad=layer.weight.requires_grad)
+        layer.bias = nn.Parameter(bias, requires_grad=layer.weight.requires_grad)
+        node.replace_all_uses_with(layer_node)
+        gm.graph.erase_node(node)
+        result.folded.append((str(layer_node.target), bn_name))
+    # A BatchNorm called more than once stays while any call to it is left.
+    for bn_name in dict.fromkeys(bn for _, bn in result.folded):
+        if _references(gm.graph, bn_name) == 0:
+            gm.delete_submodule(bn_name)
+    gm.graph.lint()
+    gm.recompile()
+    gm.eval()
+    return result

@@ -1,0 +1,153 @@
+"""Read an image of any format Pillow knows into the model's 28x28 digit, or refuse it with one line.
+
+Importing this module sets Pillow's decompression-bomb limit to `MAX_PIXELS` and turns Pillow's
+DecompressionBombWarning into an error, so an image of huge dimensions is refused from its
+header, before any pixel is decoded.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+import numpy as np
+from PIL import Image
+
+from bnpipe.errors import BnpipeError
+from bnpipe.serve.preprocess import BlankImageError, composite_alpha, preprocess
+
+MAX_PIXELS = 50_000_000  # a 50-megapixel photo is ~200 MB as RGBA; larger is refused unread
+DRAFT_SIZE = 512  # a large JPEG is decoded at 1/2..1/8 scale, keeping at least this many px a side
+Image.MAX_IMAGE_PIXELS = MAX_PIXELS
+warnings.filterwarnings("error", category=Image.DecompressionBombWarning)
+
+_WIDE = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I"})  # 16-bit (and 32-bit integer) gray
+_ALPHA = frozenset({"LA", "PA", "RGBA", "RGBa"})
+_NO_EXIF = frozenset({"PNG", "BMP", "GIF"})  # formats whose orientation is never in EXIF here
+
+
+class ImageError(BnpipeError):
+    """One input image cannot be used; ``name`` is the input's path, ``reason`` says why."""
+
+    def __init__(self, name: str, reason: str) -> None:
+        super().__init__(f"{name}: {reason}")
+        self.name = name
+        self.reason = reason
+
+
+def _reason_for_unidentified(source: str | bytes) -> str:
+    """Tell an empty file from one that is not an image (only asked once Pillow gave up)."""
+    if isinstance(source, bytes):
+        empty = len(source) == 0
+    else:
+        import os
+
+        empty = os.path.getsize(source) == 0
+    return "empty file" if empty else "not an image (Pillow cannot identify its format)"
+
+
+def open_image(source: str | bytes, name: str) -> Image.Image:
+    """Open an image and check its header, decoding no pixels yet.
+
+    Args:
+        source: A file path, or the bytes of an image (stdin).
+        name: What to call the input in messages.
+
+    Returns:
+        The lazily opened image (the caller closes it).
+
+    Raises:
+        ImageError: missing, unreadable, empty, not an image, zero-sized, or too large.
+    """
+    try:
+        im = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
+    except FileNotFoundError:
+        raise ImageError(name, "no such file") from None
+    except IsADirectoryError:
+        raise ImageError(name, "is a directory") from None
+    except PermissionError:
+        raise ImageError(name, "permission denied") from None
+    except Image.UnidentifiedImageError:
+        raise ImageError(name, _reason_for_unidentified(source)) from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageError(name, f"image too large, refused before decoding ({exc})") from None
+    except Exception as exc:  # noqa: BLE001 - any decoder failure on untrusted bytes is a bad input
+        raise ImageError(name, f"unreadable image header ({exc})") from None
+    w, h = im.size
+    if w <= 0 or h <= 0:
+        im.close()
+        raise ImageError(name, f"image has zero size ({w}x{h})")
+    if w * h > MAX_PIXELS:  # also guards a caller that raised Image.MAX_IMAGE_PIXELS again
+        im.close()
+        raise ImageError(name, f"image too large, refused before decoding ({w}x{h} > {MAX_PIXELS} pixels)")
+    return im
+
+
+def decode(im: Image.Image, name: str) -> Image.Image:
+    """Decode the pixels of an opened image (the first frame of an animation), upright.
+
+    Raises:
+        ImageError: the data is truncated or corrupt.
+    """
+    if im.format == "JPEG":
+        w, h = im.size
+        # The DCT decodes straight to luma at a reduced scale: fast and light for big photos.
+        im.draft("L", (min(w, DRAFT_SIZE), min(h, DRAFT_SIZE)))
+    try:
+        im.load()
+    except Exception as exc:  # noqa: BLE001 - Pillow raises OSError, SyntaxError, ValueError...
+        kind = "truncated image" if "truncated" in str(exc) or isinstance(exc, EOFError) else "corrupt image data"
+        raise ImageError(name, f"{kind} ({exc})") from None
+    if im.format not in _NO_EXIF:
+        from PIL import ImageOps
+
+        im = ImageOps.exif_transpose(im)  # a phone photo is stored sideways with an EXIF rotation
+    return im
+
+
+def to_grayscale(im: Image.Image) -> np.ndarray:
+    """Return the image's gray levels on the 0..255 scale.
+
+    8-bit images come back as uint8 via Pillow's exact ITU-R 601-2 luma (so a gray RGB pixel
+    keeps its value). 16-bit images come back as float32 so that none of their precision is
+    lost before contrast stretching; images with alpha are flattened by `composite_alpha`.
+
+    Returns:
+        [H, W] uint8 or float32.
+    """
+    mode = im.mode
+    if mode == "L":
+        return np.asarray(im)
+    if mode == "P":
+        return to_grayscale(im.convert("RGBA" if "transparency" in im.info else "L"))
+    if mode in _WIDE:
+        return np.clip(np.asarray(im).astype(np.float32), 0.0, 65535.0) / np.float32(257.0)
+    if mode == "F":
+        values = np.asarray(im, dtype=np.float32)
+        scale = 255.0 if float(values.max(initial=0.0)) <= 1.0 else 1.0  # a 0..1 float image
+        return np.clip(values * np.float32(scale), 0.0, 255.0)
+    if mode in _ALPHA:
+        la = np.asarray((im if mode == "LA" else im.convert("RGBA")).convert("LA"), dtype=np.float32)  # [H, W, 2]
+        return composite_alpha(la[..., 0], la[..., 1] / np.float32(255.0))
+    return np.asarray(im.convert("L"))
+
+
+def load_digit(source: str | bytes, name: str) -> np.ndarray:
+    """Read one input into the model's input digit.
+
+    Args:
+        source: A file path, or the bytes of an image (stdin).
+        name: What to call the input in messages.
+
+    Returns:
+        [28, 28] uint8, light digit on dark, as `bnpipe.serve.preprocess.preprocess` makes it.
+
+    Raises:
+        ImageError: the input cannot be used; its message names it.
+    """
+    with open_image(source, name) as im:
+        gray = to_grayscale(decode(im, name))
+    try:
+        return preprocess(gray)
+    except BlankImageError as exc:
+        raise ImageError(name, str(exc)) from None

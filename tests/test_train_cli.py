@@ -1,0 +1,86 @@
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from bnpipe.cli import cli
+from bnpipe.train.checkpoint import load_checkpoint, model_from_checkpoint
+
+METRIC_KEYS = {"epoch", "train_loss", "train_acc", "test_loss", "test_acc", "seconds"}
+
+
+def _train(args: list[str]) -> "object":
+    return CliRunner().invoke(cli, ["train", *args])
+
+
+def test_train_writes_checkpoint_sidecar_and_plot(tiny_mnist: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run" / "m.pt"
+    result = _train(["--data", str(tiny_mnist), "--epochs", "2", "--normalize", "dataset", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert result.output.count("epoch ") == 2 and "test loss" in result.output
+    ckpt = load_checkpoint(out)
+    assert ckpt["arch"]["bn"] == "torch" and ckpt["preprocessing"]["mode"] == "dataset"
+    assert ckpt["config"]["epochs"] == 2 and len(ckpt["metrics"]) == 2
+    sidecar = json.loads(out.with_suffix(".json").read_text())
+    assert METRIC_KEYS <= set(sidecar["metrics"][0]) and sidecar["config"]["normalize"] == "dataset"
+    assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert sorted(p.name for p in out.parent.iterdir()) == ["m.json", "m.png", "m.pt"], "no temp files left"
+    model_from_checkpoint(ckpt)  # rebuilt from the checkpoint alone
+
+
+def test_same_seed_same_weights(tiny_mnist: Path, tmp_path: Path) -> None:
+    runs = []
+    for name in ("a", "b", "c"):
+        seed = "1" if name == "c" else "0"
+        out = tmp_path / f"{name}.pt"
+        assert _train(["--data", str(tiny_mnist), "--epochs", "1", "--seed", seed, "--out", str(out)]).exit_code == 0
+        runs.append(load_checkpoint(out)["state_dict"])
+    assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
+    assert not all(torch.equal(runs[0][k], runs[2][k]) for k in runs[0])
+
+
+def test_scratch_checkpoint_loads_into_torch_bn(tiny_mnist: Path, tmp_path: Path) -> None:
+    out = tmp_path / "s.pt"
+    assert _train(["--data", str(tiny_mnist), "--epochs", "1", "--bn", "scratch", "--out", str(out)]).exit_code == 0
+    ckpt = load_checkpoint(out)
+    ours, theirs = model_from_checkpoint(ckpt), model_from_checkpoint(ckpt, bn="torch")
+    assert type(theirs.features[1]).__name__ == "BatchNorm2d"
+    x = torch.randn(3, 1, 28, 28)
+    assert torch.allclose(ours(x), theirs(x), atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "needle"),
+    [
+        (["--epochs", "0"], 2, "--epochs"),
+        (["--bn", "group"], 2, "--bn"),
+        (["--lr", "-1"], 2, "--lr"),
+        (["--device", "cuda"], 1, "--device cuda: no CUDA GPU"),
+    ],
+)
+def test_bad_options_get_one_clear_line(
+    tiny_mnist: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, args: list[str], code: int, needle: str
+) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # as on a machine without a GPU
+    result = _train(["--data", str(tiny_mnist), "--out", str(tmp_path / "x.pt"), *args])
+    assert result.exit_code == code
+    assert needle in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "x.pt").exists()
+
+
+def test_missing_data_dir_is_one_line(tmp_path: Path) -> None:
+    result = _train(["--data", str(tmp_path / "absent"), "--out", str(tmp_path / "x.pt")])
+    assert result.exit_code == 1
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("bnpipe: error: MNIST not found in")
+
+
+def test_non_finite_loss_keeps_last_good_checkpoint(tiny_mnist: Path, tmp_path: Path) -> None:
+    out = tmp_path / "m.pt"
+    assert _train(["--data", str(tiny_mnist), "--epochs", "1", "--out", str(out)]).exit_code == 0
+    before = out.read_bytes()
+    result = _train(["--data", str(tiny_mnist), "--epochs", "1", "--lr", "1e30", "--out", str(out)])
+    assert result.exit_code == 1 and "non-finite" in result.output
+    assert out.read_bytes() == before

@@ -1,0 +1,99 @@
+"""Batch normalization from scratch, matching ``torch.nn.BatchNorm1d/2d`` exactly."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def batch_norm(
+    x: torch.Tensor,
+    gamma: torch.Tensor | None,
+    beta: torch.Tensor | None,
+    moving_mean: torch.Tensor,
+    moving_var: torch.Tensor,
+    training: bool,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+) -> torch.Tensor:
+    """Batch normalization of [N, C] or [N, C, *spatial] inputs, one statistic per channel C.
+
+    In training it normalizes with the batch's mean and biased variance, and updates the moving
+    statistics in place. In eval it normalizes with the moving statistics.
+
+    The update follows PyTorch's convention, where ``momentum`` is the weight of the NEW batch::
+
+        moving_mean = (1 - momentum) * moving_mean + momentum * batch_mean
+        moving_var  = (1 - momentum) * moving_var  + momentum * batch_var_unbiased
+
+    The tutorial this project grew from used the reverse (``momentum * moving + (1 - momentum) *
+    batch`` with momentum 0.9): the same numbers only when its momentum is 1 - ours. It also
+    updated the moving variance with the biased batch variance; PyTorch uses the unbiased one
+    (divided by n - 1, with n = N * prod(spatial)) for the moving variance, while normalizing the
+    batch itself with the biased one.
+
+    Args:
+        x: Input, [N, C] or [N, C, H, W] (any number of spatial axes).
+        gamma: Scale per channel [C], or None for no affine scale.
+        beta: Shift per channel [C], or None for no affine shift.
+        moving_mean: Running mean [C], updated in place when training.
+        moving_var: Running variance [C], updated in place when training.
+        training: Normalize with batch statistics and update the moving ones.
+        momentum: Weight of the new batch in the moving statistics.
+        eps: Added to the variance for numerical stability.
+
+    Returns:
+        The normalized tensor, same shape as ``x``.
+    """
+    if x.dim() < 2:
+        raise ValueError(f"batch_norm expects [N, C, ...] input, got shape {tuple(x.shape)}")
+    dims = [0, *range(2, x.dim())]
+    shape = [1, x.shape[1]] + [1] * (x.dim() - 2)  # broadcast a [C] statistic against x
+    if training:
+        n = x.numel() // x.shape[1]
+        if n <= 1:
+            raise ValueError(f"batch_norm needs more than 1 value per channel when training, got shape {tuple(x.shape)}")
+        mean = x.mean(dim=dims)
+        var = x.var(dim=dims, correction=0)
+        with torch.no_grad():
+            moving_mean.mul_(1 - momentum).add_(mean.detach(), alpha=momentum)
+            moving_var.mul_(1 - momentum).add_(var.detach() * (n / (n - 1)), alpha=momentum)
+    else:
+        mean, var = moving_mean, moving_var
+    y = (x - mean.reshape(shape)) * torch.rsqrt(var.reshape(shape) + eps)
+    if gamma is not None:
+        y = y * gamma.reshape(shape)
+    if beta is not None:
+        y = y + beta.reshape(shape)
+    return y
+
+
+class ScratchBatchNorm2d(nn.Module):
+    """``nn.BatchNorm2d`` built on :func:`batch_norm`, with the same state_dict keys and shapes.
+
+    Keys: ``weight``, ``bias``, ``running_mean``, ``running_var``, ``num_batches_tracked``, so a
+    checkpoint made with either class loads into the other.
+    """
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True) -> None:
+        super().__init__()
+        self.num_features, self.eps, self.momentum, self.affine = num_features, eps, momentum, affine
+        self.weight = nn.Parameter(torch.ones(num_features)) if affine else None
+        self.bias = nn.Parameter(torch.zeros(num_features)) if affine else None
+        self.register_buffer("running_mean", torch.zeros(num_features))
+        self.register_buffer("running_var", torch.ones(num_features))
+        self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 4:
+            raise ValueError(f"ScratchBatchNorm2d expects [N, C, H, W] input, got shape {tuple(x.shape)}")
+        momentum = self.momentum
+        if self.training:
+            self.num_batches_tracked.add_(1)
+            if momentum is None:  # cumulative moving average, as in PyTorch
+                momentum = 1.0 / float(self.num_batches_tracked)
+        return batch_norm(x, self.weight, self.bias, self.running_mean, self.running_var,
+                          self.training, momentum if momentum is not None else 0.0, self.eps)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}"

@@ -1,0 +1,64 @@
+"""MNIST through ``torchvision.datasets.MNIST``, loaded once into whole uint8 tensors."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from bnpipe.errors import BnpipeError
+
+RAW_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+CLASSES = tuple(str(d) for d in range(10))
+
+
+def resolve_data_root(data: str | os.PathLike[str] | None) -> Path:
+    """The MNIST root: ``data`` if given, otherwise ``$BNPIPE_DATA``, otherwise ``./data``."""
+    return Path(data if data is not None else os.environ.get("BNPIPE_DATA") or "data")
+
+
+def load_mnist(root: str | os.PathLike[str], train: bool, download: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Load one MNIST split as whole tensors, downloading the raw files if they are missing.
+
+    Args:
+        root: Directory holding ``MNIST/raw`` in torchvision's layout.
+        train: The 60,000-image training split if True, else the 10,000-image test split.
+        download: Try to download missing files (fails cleanly when offline).
+
+    Returns:
+        images uint8 [N, 1, 28, 28] and labels int64 [N].
+
+    Raises:
+        BnpipeError: The files are missing and cannot be downloaded, or a file is corrupt.
+    """
+    from torchvision.datasets import MNIST  # deferred: torchvision costs ~1 s to import
+
+    root = Path(root)
+    raw = root / "MNIST" / "raw"
+    created = [p for p in (root, root / "MNIST", raw) if not p.exists()]
+    try:
+        # torchvision reports download attempts on stdout; keep it for the error message instead.
+        with contextlib.redirect_stdout(io.StringIO()):
+            ds = MNIST(str(root), train=train, download=download)
+    except Exception as exc:  # noqa: BLE001 - torchvision raises bare RuntimeError/AssertionError/ValueError
+        missing = [f for f in RAW_FILES if not (raw / f).is_file()]
+        if missing:
+            for p in reversed(created):  # leave no empty folders behind from a failed download
+                shutil.rmtree(p, ignore_errors=True)
+            raise BnpipeError(
+                f"MNIST not found in {raw} and could not be downloaded; put the four raw files "
+                f"({', '.join(RAW_FILES)}) there, or point --data/BNPIPE_DATA at their root"
+            ) from None
+        reason = " ".join(str(exc).split()) or type(exc).__name__
+        raise BnpipeError(f"MNIST files in {raw} are corrupt or unreadable: {reason}") from None
+    images, labels = ds.data, ds.targets
+    if images.dim() != 3 or images.dtype != torch.uint8 or labels.shape != images.shape[:1]:
+        raise BnpipeError(
+            f"MNIST files in {raw} are inconsistent: images {tuple(images.shape)} {images.dtype}, "
+            f"labels {tuple(labels.shape)}"
+        )
+    return images.unsqueeze(1).contiguous(), labels.to(torch.int64)
