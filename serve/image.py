@@ -35,15 +35,34 @@ class ImageError(BnpipeError):
         self.reason = reason
 
 
-def _reason_for_unidentified(source: str | bytes) -> str:
-    """Tell an empty file from one that is not an image (only asked once Pillow gave up)."""
-    if isinstance(source, bytes):
-        empty = len(source) == 0
-    else:
-        import os
+def declared_size(head: bytes) -> tuple[int, int] | None:
+    """Return (width, height) from a PNG, GIF or BMP header, or None for other data.
 
-        empty = os.path.getsize(source) == 0
-    return "empty file" if empty else "not an image (Pillow cannot identify its format)"
+    Pillow refuses to open an image whose header declares a zero side and says only that it
+    cannot identify it; reading the header here lets the message say what is really wrong.
+    """
+    if head[:8] == b"\x89PNG\r\n\x1a\n" and head[12:16] == b"IHDR" and len(head) >= 24:
+        return int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
+    if head[:6] in (b"GIF87a", b"GIF89a") and len(head) >= 10:
+        return int.from_bytes(head[6:8], "little"), int.from_bytes(head[8:10], "little")
+    if head[:2] == b"BM" and len(head) >= 26:
+        return int.from_bytes(head[18:22], "little", signed=True), abs(int.from_bytes(head[22:26], "little", signed=True))
+    return None
+
+
+def _reason_for_unidentified(source: str | bytes) -> str:
+    """Say why Pillow could not identify an input: empty, zero-sized, or not an image."""
+    if isinstance(source, bytes):
+        head = source[:32]
+    else:
+        with open(source, "rb") as f:
+            head = f.read(32)
+    if not head:
+        return "empty file"
+    size = declared_size(head)
+    if size is not None and min(size) <= 0:
+        return f"image has zero size ({size[0]}x{size[1]})"
+    return "not an image (Pillow cannot identify its format)"
 
 
 def open_image(source: str | bytes, name: str) -> Image.Image:
@@ -62,7 +81,7 @@ def open_image(source: str | bytes, name: str) -> Image.Image:
     try:
         im = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
     except FileNotFoundError:
-        raise ImageError(name, "no such file") from None
+        raise ImageError(name, "no such file or directory") from None
     except IsADirectoryError:
         raise ImageError(name, "is a directory") from None
     except PermissionError:

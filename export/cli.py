@@ -1,0 +1,38 @@
+"""`bnpipe export`: a thin click command over :func:`bnpipe.export.pipeline.export_checkpoint`."""
+
+from __future__ import annotations
+
+import click
+
+from bnpipe.train.config import DEFAULT_CHECKPOINT
+
+DEFAULT_ONNX = "models/bn_convnet.onnx"
+
+
+@click.command()
+@click.option("--checkpoint", type=click.Path(dir_okay=False), default=DEFAULT_CHECKPOINT, show_default=True,
+              help="Checkpoint written by `bnpipe train`.")
+@click.option("--out", type=click.Path(dir_okay=False), default=DEFAULT_ONNX, show_default=True,
+              help="ONNX file to write.")
+@click.option("--fold-bn/--no-fold-bn", default=False, show_default=True,
+              help="Fold each BatchNorm's moving statistics into the conv/linear layer before it.")
+@click.option("--strict", is_flag=True, help="With --fold-bn: a BatchNorm that cannot be folded is an error.")
+@click.option("--tolerance", type=click.FloatRange(min=0), default=1e-4, show_default=True,
+              help="Largest max |logit difference| against PyTorch before the export fails.")
+@click.option("--opset", type=click.IntRange(min=18), default=18, show_default=True, help="ONNX opset version.")
+@click.option("--data", type=click.Path(file_okay=False), default=None,
+              help="MNIST root for verification images. Default: $BNPIPE_DATA, else ./data; random pixels if absent.")
+def export(checkpoint: str, out: str, fold_bn: bool, strict: bool, tolerance: float, opset: int,
+           data: str | None) -> None:
+    """Export a checkpoint to ONNX (uint8 pixels in, logits out) and verify it against PyTorch.
+
+    The written model is run in onnxruntime on MNIST test images (or random pixels) and compared
+    with PyTorch eval of the unfolded checkpoint; over --tolerance, the export fails and leaves no file.
+    """
+    from bnpipe.export.pipeline import export_checkpoint
+    from bnpipe.train.data import resolve_data_root
+
+    report = export_checkpoint(checkpoint, out, fold_bn=fold_bn, strict=strict, tolerance=tolerance, opset=opset,
+                               data_root=resolve_data_root(data))
+    for line in report.lines():
+        click.echo(line)

@@ -1,0 +1,113 @@
+"""`bnpipe export` as a library call: load, fold, export, write atomically, verify, report."""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import onnx
+import torch
+
+from bnpipe.atomic import atomic_path
+from bnpipe.errors import BnpipeError
+from bnpipe.export.fold import fold_batchnorms
+from bnpipe.export.onnx_export import (
+    DEFAULT_OPSET, PixelsToLogits, build_metadata, compare_logits, graph_stats, load_net, ort_logits,
+    set_metadata, to_onnx, torch_reference_logits, verification_pixels,
+)  # fmt: skip
+from bnpipe.train.preprocess import Normalization
+
+DEFAULT_TOLERANCE = 1e-4
+
+
+@dataclass
+class ExportReport:
+    """What an export did and how the written model compared with PyTorch."""
+
+    out: Path
+    bn_folded: bool
+    before: dict[str, int]
+    after: dict[str, int]
+    size_bytes: int
+    max_abs_diff: float
+    argmax_agreement: float
+    verified_on: str
+    seconds: float
+    folded: list[tuple[str, str]] = field(default_factory=list)
+    left: list[str] = field(default_factory=list)
+
+    def lines(self) -> list[str]:
+        """The human-readable report, one fact per line."""
+        b, a = self.before, self.after
+        out = [
+            f"wrote {self.out} ({self.size_bytes / 1024:.1f} KiB), BN folded: {'yes' if self.bn_folded else 'no'}",
+            f"nodes {b['nodes']} -> {a['nodes']}, BatchNormalization nodes {b['bn_nodes']} -> {a['bn_nodes']}, "
+            f"parameters {b['params']} -> {a['params']}",
+        ]
+        out += [f"folded {bn} into {layer}" for layer, bn in self.folded]
+        out += [f"left in place (follows no foldable layer): {bn}" for bn in self.left]
+        out += [
+            f"verified on {self.verified_on}: max |logit diff| {self.max_abs_diff:.3g}, "
+            f"argmax agreement {self.argmax_agreement:.2%}",
+            f"done in {self.seconds:.1f}s; try: bnpipe predict --model {self.out} IMAGE...",
+        ]
+        return out
+
+
+def export_checkpoint(
+    checkpoint: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    fold_bn: bool = False,
+    strict: bool = False,
+    tolerance: float = DEFAULT_TOLERANCE,
+    opset: int = DEFAULT_OPSET,
+    data_root: Path | None = None,
+) -> ExportReport:
+    """Export a checkpoint to ONNX, optionally folding BN first, and verify the written file.
+
+    The file is written to a temporary path, run in onnxruntime against PyTorch eval of the
+    unfolded checkpoint, and renamed into place only if the max logit difference is within
+    ``tolerance``. Otherwise nothing is left behind.
+
+    Args:
+        checkpoint: A checkpoint from `bnpipe train`.
+        out: The ONNX path to write.
+        fold_bn: Fold each BatchNorm into the layer before it (float64 arithmetic).
+        strict: With ``fold_bn``, a BatchNorm that cannot be folded is an error.
+        tolerance: Largest allowed max |logit difference| against PyTorch.
+        opset: ONNX opset version.
+        data_root: MNIST root whose test images verify the export; random pixels if absent.
+
+    Raises:
+        BnpipeError: Bad checkpoint, refused folding, or a verification failure.
+    """
+    t0 = time.perf_counter()
+    ckpt, net = load_net(checkpoint)
+    norm = Normalization.from_dict(ckpt["preprocessing"])
+    size = int(ckpt["arch"]["image_size"])
+    example = torch.zeros(2, int(ckpt["arch"]["in_channels"]), size, size, dtype=torch.uint8)
+    unfolded = to_onnx(PixelsToLogits(net, norm), example, opset)
+    model, folded, left = unfolded, [], []
+    if fold_bn:
+        result = fold_batchnorms(net, strict=strict)
+        folded, left = result.folded, result.left
+        model = to_onnx(PixelsToLogits(result.module, norm), example, opset)
+    set_metadata(model, build_metadata(ckpt, checkpoint, bn_folded=fold_bn))
+    try:
+        onnx.checker.check_model(model, full_check=True)
+    except onnx.checker.ValidationError as exc:
+        raise BnpipeError(f"exported model fails onnx.checker: {str(exc).splitlines()[0]}") from None
+
+    pixels, source = verification_pixels(data_root)
+    reference = torch_reference_logits(checkpoint, pixels)
+    with atomic_path(out) as tmp:
+        onnx.save(model, tmp)
+        diff, agree = compare_logits(reference, ort_logits(tmp, pixels))
+        if not diff <= tolerance:  # also catches NaN
+            raise BnpipeError(f"{out}: verification failed, max |logit diff| {diff:.3g} exceeds tolerance "
+                              f"{tolerance:g} (argmax agreement {agree:.2%}); no file written")
+        size_bytes = tmp.stat().st_size
+    return ExportReport(Path(out), fold_bn, graph_stats(unfolded), graph_stats(model), size_bytes, diff, agree,
+                        source, time.perf_counter() - t0, folded, left)

@@ -1,0 +1,174 @@
+"""The onnxruntime session: which execution provider runs it, and running batches through it.
+
+The decisions are pure functions (`plan_providers`, `provider_that_ran`, `check_contract`) so
+that the tests can drive them with any list of providers; `Model.load` only wires them to the
+real onnxruntime.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from bnpipe.errors import BnpipeError
+
+CUDA = "CUDAExecutionProvider"
+CPU = "CPUExecutionProvider"
+DEVICES = ("auto", "cuda", "cpu")
+INPUT_NAME, OUTPUT_NAME = "pixels", "logits"
+# What serve feeds the model; the model's `input_layout` metadata must say exactly this.
+EXPECTED_LAYOUT = {"name": INPUT_NAME, "dtype": "uint8", "shape": ["batch", 1, 28, 28], "layout": "NCHW",
+                   "polarity": "light-on-dark"}
+# cuDNN's default EXHAUSTIVE search benchmarks every conv algorithm on the first run (seconds).
+CUDA_OPTIONS = {"device_id": "0", "cudnn_conv_algo_search": "HEURISTIC"}
+
+
+def plan_providers(device: str, available: Sequence[str], gpu_count: int) -> list[str]:
+    """Choose the execution providers to ask onnxruntime for.
+
+    Args:
+        device: ``auto``, ``cuda`` or ``cpu``.
+        available: ``onnxruntime.get_available_providers()`` (what the build has, not what works).
+        gpu_count: CUDA devices the driver reports (`bnpipe.serve.cuda.cuda_device_count`).
+
+    Returns:
+        Providers in priority order; CUDA first only when it was built in and a GPU exists.
+
+    Raises:
+        BnpipeError: ``cuda`` was asked for and cannot be had.
+    """
+    if device not in DEVICES:
+        raise BnpipeError(f"--device {device}: expected one of {', '.join(DEVICES)}")
+    if device == "cpu":
+        return [CPU]
+    if device == "cuda" and CUDA not in available:
+        raise BnpipeError("--device cuda: this onnxruntime has no CUDA execution provider (install onnxruntime-gpu)")
+    if device == "cuda" and gpu_count < 1:
+        raise BnpipeError("--device cuda: no usable GPU (the NVIDIA driver reports no CUDA device)")
+    return [CUDA, CPU] if CUDA in available and gpu_count > 0 else [CPU]
+
+
+def provider_that_ran(device: str, session_providers: Sequence[str]) -> str:
+    """Return the provider that really runs a session, given ``session.get_providers()``.
+
+    onnxruntime silently drops a provider that fails to start (missing cuDNN, a driver too
+    old), so only the created session can say what runs. ``cuda`` never falls back to the CPU.
+
+    Raises:
+        BnpipeError: ``cuda`` was asked for but the session runs on something else.
+    """
+    ran = session_providers[0] if session_providers else CPU
+    if device == "cuda" and ran != CUDA:
+        raise BnpipeError(f"--device cuda: the CUDA execution provider failed to start; the session would run on {ran}")
+    return ran
+
+
+def _json_field(metadata: Mapping[str, str], key: str, model: str) -> Any:
+    try:
+        return json.loads(metadata[key])
+    except KeyError:
+        raise BnpipeError(f"{model}: no '{key}' in the model's metadata; write it with `bnpipe export`") from None
+    except ValueError:
+        raise BnpipeError(f"{model}: metadata '{key}' is not valid JSON") from None
+
+
+def check_contract(model: str, inputs: Sequence[tuple[str, str, list[Any]]],
+                   outputs: Sequence[tuple[str, str, list[Any]]], metadata: Mapping[str, str]) -> list[str]:
+    """Check that a model takes what serve feeds it and gives what serve reads.
+
+    Args:
+        model: The model's path, for messages.
+        inputs: (name, type, shape) of each graph input, e.g. ("pixels", "tensor(uint8)", ["batch", 1, 28, 28]).
+        outputs: (name, type, shape) of each graph output.
+        metadata: The model's metadata_props.
+
+    Returns:
+        The class labels, in the order of the logits.
+
+    Raises:
+        BnpipeError: the metadata or the graph do not match the contract.
+    """
+    layout = _json_field(metadata, "input_layout", model)
+    if layout != EXPECTED_LAYOUT:
+        raise BnpipeError(f"{model}: input layout {json.dumps(layout)} is not the {json.dumps(EXPECTED_LAYOUT)} serve feeds")
+    if len(inputs) != 1 or inputs[0][0] != INPUT_NAME or inputs[0][1] != "tensor(uint8)" or list(inputs[0][2])[1:] != [1, 28, 28]:
+        raise BnpipeError(f"{model}: graph inputs {list(inputs)} do not match its input_layout "
+                          f"(one uint8 '{INPUT_NAME}' of shape [batch, 1, 28, 28])")
+    labels = _json_field(metadata, "labels", model)
+    if not isinstance(labels, list) or not labels or not all(isinstance(x, str) for x in labels):
+        raise BnpipeError(f"{model}: metadata 'labels' is not a list of strings")
+    if len(outputs) != 1 or outputs[0][0] != OUTPUT_NAME or outputs[0][1] != "tensor(float)" or list(outputs[0][2])[1:] != [len(labels)]:
+        raise BnpipeError(f"{model}: graph outputs {list(outputs)} are not one float '{OUTPUT_NAME}' "
+                          f"of shape [batch, {len(labels)}]")
+    return labels
+
+
+def intra_op_threads() -> int:
+    """Threads for one session: the CPUs this process may use (a small net gains nothing past 4)."""
+    return max(1, min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
+
+
+@dataclass
+class Model:
+    """A loaded model: the session, its labels and metadata, and the provider that runs it."""
+
+    path: str
+    session: Any  # onnxruntime.InferenceSession
+    labels: list[str]
+    metadata: dict[str, str]
+    provider: str
+
+    @classmethod
+    def load(cls, path: str, device: str = "auto", verbose: bool = False) -> Model:
+        """Create the onnxruntime session for ``path`` on ``device`` and check the model contract.
+
+        Raises:
+            BnpipeError: the model is missing, not ONNX, corrupt, or breaks the contract, or the
+                device cannot be had.
+        """
+        if not os.path.isfile(path):
+            raise BnpipeError(f"{path}: no such model file" if not os.path.exists(path) else f"{path}: not a file")
+        import onnxruntime as ort
+
+        from bnpipe.serve import cuda
+
+        gpus = cuda.cuda_device_count() if device != "cpu" else 0
+        providers = plan_providers(device, ort.get_available_providers(), gpus)
+        if CUDA in providers:
+            cuda.preload_cuda_libraries()
+        ort.set_default_logger_severity(2 if verbose else 4)  # a CUDA start failure is reported by us
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.intra_op_num_threads = intra_op_threads()
+        options.inter_op_num_threads = 1  # the graph is a chain: nothing runs side by side
+        options.log_severity_level = 2 if verbose else 4
+        # Idle ORT threads would spin and take the cores that decode images between batches.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        provider_options = [CUDA_OPTIONS if p == CUDA else {} for p in providers]
+        try:
+            session = ort.InferenceSession(path, sess_options=options, providers=providers,
+                                           provider_options=provider_options)
+        except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own Fail/InvalidGraph types
+            first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise BnpipeError(f"{path}: not a usable ONNX model ({first_line})") from None
+        provider = provider_that_ran(device, session.get_providers())
+        metadata = dict(session.get_modelmeta().custom_metadata_map)
+        labels = check_contract(path, [(a.name, a.type, a.shape) for a in session.get_inputs()],
+                                [(a.name, a.type, a.shape) for a in session.get_outputs()], metadata)
+        return cls(path, session, labels, metadata, provider)
+
+    def logits(self, pixels: np.ndarray) -> np.ndarray:
+        """Run one batch: ``pixels`` [N, 1, 28, 28] uint8 -> logits [N, classes] float32."""
+        if self.provider == CUDA:
+            # IO binding: ORT copies the batch to the GPU once and writes the logits to host memory.
+            binding = self.session.io_binding()
+            binding.bind_cpu_input(INPUT_NAME, np.ascontiguousarray(pixels))
+            binding.bind_output(OUTPUT_NAME, "cpu")
+            self.session.run_with_iobinding(binding)
+            return binding.copy_outputs_to_cpu()[0]
+        return self.session.run([OUTPUT_NAME], {INPUT_NAME: pixels})[0]
