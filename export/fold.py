@@ -84,7 +84,7 @@ def fold_bn_params(
     b64 = b64 * scale
     if beta is not None:
         b64 = b64 + beta.to(f64)
-    bias_dtype = weight.dtype if bias is None else bias.dtype
+    bias_dtype = torch.float64
     return w64.to(weight.dtype), b64.to(bias_dtype)
 
 
@@ -206,7 +206,7 @@ def fold_batchnorms(model: nn.Module, *, strict: bool = False) -> FoldResult:
         result.folded.append((str(layer_node.target), bn_name))
     # A BatchNorm called more than once stays while any call to it is left.
     for bn_name in dict.fromkeys(bn for _, bn in result.folded):
-        if True:
+        if _references(gm.graph, bn_name) == 0:
             gm.delete_submodule(bn_name)
     gm.graph.lint()
     gm.recompile()

@@ -36,3 +36,15 @@ def trained_checkpoint(tiny_mnist: Path, tmp_path_factory: pytest.TempPathFactor
     out = tmp_path_factory.mktemp("ckpt") / "bn_convnet.pt"
     train(TrainConfig(data=str(tiny_mnist), epochs=2, batch_size=32, out=str(out)), log=lambda line: None)
     return out
+
+
+@pytest.fixture(scope="session")
+def exported_models(trained_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The trained checkpoint exported twice: with BN folded, and with BN kept."""
+    from bnpipe.export.pipeline import export_checkpoint
+
+    out = tmp_path_factory.mktemp("onnx")
+    paths = {"checkpoint": trained_checkpoint, "onnx_folded": out / "folded.onnx", "onnx_unfolded": out / "unfolded.onnx"}
+    export_checkpoint(trained_checkpoint, paths["onnx_folded"], fold_bn=True)
+    export_checkpoint(trained_checkpoint, paths["onnx_unfolded"], fold_bn=False)
+    return paths

@@ -1,0 +1,116 @@
+import json
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from click.testing import CliRunner
+
+from bnpipe import __version__
+from bnpipe.cli import cli
+from bnpipe.errors import BnpipeError
+from bnpipe.export import pipeline
+from bnpipe.export.onnx_export import ort_logits, torch_reference_logits
+from bnpipe.train.checkpoint import file_sha256, load_checkpoint
+
+
+def _ops(path: Path) -> Counter:
+    return Counter(node.op_type for node in onnx.load(str(path)).graph.node)
+
+
+def test_folded_graph_has_no_batchnorm_and_unfolded_keeps_both(exported_models: dict[str, Path]) -> None:
+    assert _ops(exported_models["onnx_folded"])["BatchNormalization"] == 0
+    assert _ops(exported_models["onnx_unfolded"])["BatchNormalization"] == 2
+    assert _ops(exported_models["onnx_folded"])["Conv"] == 2
+
+
+@pytest.mark.parametrize("kind", ["onnx_folded", "onnx_unfolded"])
+@pytest.mark.parametrize("batch", [1, 7])
+def test_onnx_matches_pytorch_eval(exported_models: dict[str, Path], kind: str, batch: int) -> None:
+    pixels = np.random.default_rng(batch).integers(0, 256, size=(batch, 1, 28, 28), dtype=np.uint8)
+    reference = torch_reference_logits(exported_models["checkpoint"], pixels)
+    got = ort_logits(exported_models[kind], pixels)
+    assert got.shape == (batch, 10) and got.dtype == np.float32
+    assert np.max(np.abs(got - reference)) <= 1e-4
+    assert (got.argmax(1) == reference.argmax(1)).all()
+
+
+def test_model_io_checker_and_metadata(exported_models: dict[str, Path]) -> None:
+    model = onnx.load(str(exported_models["onnx_folded"]))
+    onnx.checker.check_model(model, full_check=True)
+    (inp,), (out,) = model.graph.input, model.graph.output
+    assert inp.name == "pixels" and inp.type.tensor_type.elem_type == onnx.TensorProto.UINT8
+    dims = inp.type.tensor_type.shape.dim
+    assert dims[0].dim_param and [d.dim_value for d in dims[1:]] == [1, 28, 28]
+    assert out.name == "logits" and out.type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    meta = {p.key: p.value for p in model.metadata_props}
+    ckpt = load_checkpoint(exported_models["checkpoint"])
+    assert json.loads(meta["preprocessing"]) == ckpt["preprocessing"]
+    assert json.loads(meta["labels"]) == [str(d) for d in range(10)]
+    assert json.loads(meta["input_layout"])["shape"] == ["batch", 1, 28, 28]
+    assert meta["bn_folded"] == "true"
+    assert meta["source_checkpoint_sha256"] == file_sha256(exported_models["checkpoint"])
+    assert float(meta["checkpoint_test_acc"]) == pytest.approx(ckpt["metrics"][-1]["test_acc"], abs=1e-6)
+    assert meta["bnpipe_version"] == __version__
+    unfolded = {p.key: p.value for p in onnx.load(str(exported_models["onnx_unfolded"])).metadata_props}
+    assert unfolded["bn_folded"] == "false"
+
+
+def test_normalization_stored_in_checkpoint_is_applied_in_graph(tiny_mnist: Path, tmp_path: Path) -> None:
+    ckpt = tmp_path / "d.pt"
+    args = ["train", "--data", str(tiny_mnist), "--epochs", "1", "--normalize", "dataset", "--out", str(ckpt)]
+    assert CliRunner().invoke(cli, args).exit_code == 0
+    pipeline.export_checkpoint(ckpt, tmp_path / "d.onnx", fold_bn=True)
+    pixels = np.full((2, 1, 28, 28), 200, dtype=np.uint8)
+    assert np.allclose(ort_logits(tmp_path / "d.onnx", pixels), torch_reference_logits(ckpt, pixels), atol=1e-4)
+
+
+def test_cli_export_reports_and_writes(trained_checkpoint: Path, tmp_path: Path) -> None:
+    out = tmp_path / "m.onnx"
+    result = CliRunner().invoke(cli, ["export", "--checkpoint", str(trained_checkpoint), "--out", str(out), "--fold-bn"])
+    assert result.exit_code == 0, result.output
+    assert "BatchNormalization nodes 2 -> 0" in result.output
+    assert "max |logit diff|" in result.output and f"bnpipe predict --model {out}" in result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
+
+
+def test_failed_verification_leaves_no_file(trained_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    real = pipeline.ort_logits
+    monkeypatch.setattr(pipeline, "ort_logits", lambda path, pixels: real(path, pixels) + 1e-3)
+    with pytest.raises(BnpipeError, match="verification failed"):
+        pipeline.export_checkpoint(trained_checkpoint, tmp_path / "m.onnx", fold_bn=True)
+    assert list(tmp_path.iterdir()) == []
+
+
+def _bad_checkpoint(kind: str, tmp_path: Path, good: Path) -> Path:
+    path = tmp_path / f"{kind}.pt"
+    if kind == "corrupt":
+        path.write_bytes(good.read_bytes()[:500])
+    elif kind == "other_arch":
+        ckpt = load_checkpoint(good)
+        ckpt["arch"] = dict(ckpt["arch"], name="resnet18")
+        torch.save(ckpt, path)
+    elif kind == "other_weights":
+        ckpt = load_checkpoint(good)
+        ckpt["state_dict"]["classifier.weight"] = torch.zeros(10, 123)
+        torch.save(ckpt, path)
+    elif kind == "not_bnpipe":
+        torch.save({"model": torch.zeros(3)}, path)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("kind", "needle"),
+    [("missing", "no such file"), ("corrupt", "not a readable checkpoint"), ("other_arch", "resnet18"),
+     ("other_weights", "does not fit"), ("not_bnpipe", "not a bnpipe checkpoint")],
+)
+def test_bad_checkpoint_is_one_line(trained_checkpoint: Path, tmp_path: Path, kind: str, needle: str) -> None:
+    bad = _bad_checkpoint(kind, tmp_path, trained_checkpoint)
+    out = tmp_path / "m.onnx"
+    result = CliRunner().invoke(cli, ["export", "--checkpoint", str(bad), "--out", str(out)])
+    assert result.exit_code == 1
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("bnpipe: error: checkpoint") and needle in lines[0], lines
+    assert not out.exists()

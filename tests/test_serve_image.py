@@ -1,0 +1,161 @@
+"""Reading images (bnpipe.serve.image): every format and mode, and every kind of bad file."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from bnpipe.serve import image as serve_image
+from bnpipe.serve.image import ImageError, declared_size, load_digit, to_grayscale
+from bnpipe.serve.preprocess import mnist_normalize
+from tests.test_serve_preprocess import close
+from tests.test_serve_support import png_bytes_with_size, stroke_digit, write_bad_inputs
+
+
+@pytest.fixture(scope="module")
+def digit() -> np.ndarray:
+    """A canonical 28x28 light-on-dark digit."""
+    return mnist_normalize(stroke_digit(200, seed=4))
+
+
+@pytest.fixture(scope="module")
+def paper(digit: np.ndarray) -> np.ndarray:
+    """The digit drawn dark on white at 4x size: [112, 112] uint8."""
+    return 255 - np.kron(digit, np.ones((4, 4), np.uint8))
+
+
+def save(tmp_path: Path, im: Image.Image, name: str, **kwargs: object) -> str:
+    path = tmp_path / name
+    im.save(path, **kwargs)
+    return str(path)
+
+
+def assert_same_digit(out: np.ndarray, digit: np.ndarray, mad: float = 4.0) -> None:
+    d, corr = close(out, digit)
+    assert out.shape == (28, 28) and out.dtype == np.uint8
+    assert d < mad and corr > 0.99, (d, corr)
+
+
+def test_mnist_png_is_bit_exact(tmp_path: Path, digit: np.ndarray) -> None:
+    path = save(tmp_path, Image.fromarray(digit), "d.png")
+    assert np.array_equal(load_digit(path, path), digit)
+
+
+@pytest.mark.parametrize("fmt,ext,kwargs", [("PNG", "png", {}), ("BMP", "bmp", {}), ("TIFF", "tif", {}),
+                                            ("WEBP", "webp", {"lossless": True}), ("GIF", "gif", {}),
+                                            ("JPEG", "jpg", {"quality": 95})])
+def test_formats_rgb(tmp_path: Path, digit: np.ndarray, paper: np.ndarray, fmt: str, ext: str, kwargs: dict) -> None:
+    rgb = Image.fromarray(np.stack([paper] * 3, axis=-1))
+    path = save(tmp_path, rgb, f"d.{ext}", format=fmt, **kwargs)
+    assert_same_digit(load_digit(path, path), digit, mad=5.0 if fmt == "JPEG" else 4.0)
+
+
+def test_rgba_on_transparent_canvas(tmp_path: Path, digit: np.ndarray, paper: np.ndarray) -> None:
+    ink = 255 - paper  # alpha = ink: black strokes on a fully transparent canvas
+    rgba = np.zeros((112, 112, 4), np.uint8)
+    rgba[..., 3] = ink
+    path = save(tmp_path, Image.fromarray(rgba, "RGBA"), "d.png")
+    assert_same_digit(load_digit(path, path), digit)
+
+
+def test_sixteen_bit(tmp_path: Path, digit: np.ndarray, paper: np.ndarray) -> None:
+    im = Image.fromarray(paper.astype(np.uint16) * 257)  # full 16-bit range
+    assert im.mode == "I;16"
+    path = save(tmp_path, im, "d.png")
+    assert Image.open(path).mode in ("I;16", "I")
+    assert_same_digit(load_digit(path, path), digit)
+
+
+def test_sixteen_bit_low_range_keeps_its_precision(tmp_path: Path, digit: np.ndarray, paper: np.ndarray) -> None:
+    # A 16-bit scan using only 0..1000: 8 bits would keep 4 gray levels; float keeps them all.
+    im = Image.fromarray((paper.astype(np.float64) / 255 * 1000).astype(np.uint16))
+    path = save(tmp_path, im, "low.tif")
+    assert_same_digit(load_digit(path, path), digit)
+
+
+def test_palette_with_transparency(tmp_path: Path, digit: np.ndarray, paper: np.ndarray) -> None:
+    # Index 0 = transparent, index 1 = black ink: a digit on a transparent palette canvas.
+    idx = (paper < 128).astype(np.uint8)
+    im = Image.fromarray(idx, "P")
+    im.putpalette([0, 0, 0] * 256)
+    path = save(tmp_path, im, "p.png", transparency=0)
+    assert Image.open(path).mode == "P"
+    d, corr = close(load_digit(path, path), digit)
+    assert corr > 0.95, corr  # binary strokes: only the anti-aliasing differs
+
+
+def test_gif_first_frame(tmp_path: Path, digit: np.ndarray, paper: np.ndarray) -> None:
+    first = Image.fromarray(paper).convert("P")
+    other = Image.fromarray(np.full_like(paper, 255)).convert("P")
+    path = str(tmp_path / "anim.gif")
+    first.save(path, save_all=True, append_images=[other, other])
+    assert_same_digit(load_digit(path, path), digit)
+
+
+def test_exif_rotation_is_applied(tmp_path: Path, digit: np.ndarray, paper: np.ndarray) -> None:
+    im = Image.fromarray(np.rot90(paper, k=-1).copy())  # stored turned 90 deg clockwise...
+    exif = Image.Exif()
+    exif[0x0112] = 8  # ...and tagged "rotate 90 CCW to view" as a phone does
+    path = save(tmp_path, im, "phone.jpg", quality=95, exif=exif)
+    assert_same_digit(load_digit(path, path), digit, mad=5.0)
+
+
+def test_stdin_bytes(digit: np.ndarray) -> None:
+    buf = io.BytesIO()
+    Image.fromarray(digit).save(buf, format="PNG")
+    assert np.array_equal(load_digit(buf.getvalue(), "-"), digit)
+    with pytest.raises(ImageError, match="^-: empty file$"):
+        load_digit(b"", "-")
+
+
+def test_to_grayscale_modes() -> None:
+    assert to_grayscale(Image.new("L", (3, 2), 7)).dtype == np.uint8
+    assert (to_grayscale(Image.new("RGB", (3, 2), (90, 90, 90))) == 90).all()  # gray RGB keeps its value
+    assert to_grayscale(Image.new("1", (3, 2), 1)).max() == 255
+    wide = to_grayscale(Image.new("I;16", (3, 2), 65535))
+    assert wide.dtype == np.float32 and np.allclose(wide, 255.0)
+    assert np.allclose(to_grayscale(Image.new("F", (3, 2), 0.5)), 127.5)
+
+
+@pytest.mark.parametrize("name", ["empty.png", "notes.png", "truncated.png", "zero.png", "bomb.png"])
+def test_bad_files(tmp_path: Path, name: str) -> None:
+    expected = write_bad_inputs(tmp_path)
+    path = str(tmp_path / name)
+    with pytest.raises(ImageError) as info:
+        load_digit(path, path)
+    assert info.value.name == path and expected[name] in info.value.reason
+    assert str(info.value).startswith(f"{path}: ") and "\n" not in str(info.value)
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(ImageError, match="no such file"):
+        load_digit(str(tmp_path / "nope.png"), "nope.png")
+
+
+def test_blank_image_is_an_error(tmp_path: Path) -> None:
+    path = save(tmp_path, Image.new("L", (64, 64), 255), "white.png")
+    with pytest.raises(ImageError, match="blank"):
+        load_digit(path, path)
+
+
+def test_bomb_refused_without_decoding(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Between our limit and Pillow's hard 2x limit only the warning-turned-error stops it;
+    # decoding must never start (load() would need 4 GB here).
+    monkeypatch.setattr(Image.Image, "load", lambda self: pytest.fail("decoded a bomb"))
+    data = png_bytes_with_size(60_000, 60_000)  # 3.6e9 px: past 2x the limit
+    with pytest.raises(ImageError, match="too large"):
+        load_digit(data, "-")
+    data = png_bytes_with_size(8_000, 7_000)  # 5.6e7 px: past the limit, under 2x it
+    assert serve_image.MAX_PIXELS < 8_000 * 7_000 < 2 * serve_image.MAX_PIXELS
+    with pytest.raises(ImageError, match="too large"):
+        load_digit(data, "-")
+
+
+def test_declared_size() -> None:
+    assert declared_size(png_bytes_with_size(0, 9)[:32]) == (0, 9)
+    assert declared_size(b"GIF89a\x05\x00\x00\x00") == (5, 0)
+    assert declared_size(b"hello world") is None
