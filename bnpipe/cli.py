@@ -20,6 +20,7 @@ COMMANDS: dict[str, str] = {
     "train": "bnpipe.train.cli:train",
     "export": "bnpipe.export.cli:export",
     "predict": "bnpipe.serve.cli:predict",
+    "samples": "bnpipe.serve.samples:samples",
 }
 
 

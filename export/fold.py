@@ -84,7 +84,7 @@ def fold_bn_params(
     b64 = b64 * scale
     if beta is not None:
         b64 = b64 + beta.to(f64)
-    bias_dtype = torch.float64
+    bias_dtype = weight.dtype if bias is None else bias.dtype
     return w64.to(weight.dtype), b64.to(bias_dtype)
 
 
@@ -117,7 +117,7 @@ def check_foldable_bn(name: str, bn: _BatchNorm) -> None:
     """
     if bn.training:
         raise BnpipeError(f"{name}: BatchNorm is in training mode; call model.eval() before folding")
-    if not bn.track_running_stats or bn.running_mean is None or bn.running_var is None:
+    if not bn.track_running_stats or bn.running_var is None:
         raise BnpipeError(f"{name}: BatchNorm has no running statistics (track_running_stats=False)")
     if not torch.isfinite(bn.running_var).all():
         raise BnpipeError(f"{name}: BatchNorm running_var has non-finite values")

@@ -44,8 +44,13 @@ def border_ring(gray: np.ndarray) -> np.ndarray:
 
 
 def background_is_light(gray: np.ndarray) -> bool:
-    """Return whether the median of the border ring of ``gray`` (0..255 scale) is light."""
-    return bool(np.median(border_ring(gray)) > 127.5)
+    """Return whether the border of ``gray`` is nearer the image's lightest level than its darkest.
+
+    Relative to the image's own range, not to 128: a 16-bit scan that uses only the bottom of
+    its range still has a light page and dark ink.
+    """
+    lo, hi = float(gray.min()), float(gray.max())
+    return bool(np.median(border_ring(gray)) > (lo + hi) / 2)
 
 
 def composite_alpha(gray: np.ndarray, alpha: np.ndarray) -> np.ndarray:
@@ -160,10 +165,11 @@ def separate_ink(gray: np.ndarray) -> np.ndarray:
 
     Inverts a light-background image, subtracts the fitted `illumination`, and maps the ink so
     that paper noise (four robust standard deviations of the border) becomes 0 and the ink's
-    high level becomes 255.
+    high level becomes 255. The noise is never taken below one quantization step of the
+    source: 1 for uint8, 1/257 for float input (16-bit images, whose faint contrasts are real).
 
     Args:
-        gray: [H, W] float32, 0..255.
+        gray: [H, W] uint8, or float32 on the 0..255 scale.
 
     Returns:
         [H, W] float32, 0..255, background exactly 0.
@@ -171,13 +177,15 @@ def separate_ink(gray: np.ndarray) -> np.ndarray:
     Raises:
         BlankImageError: nothing stands out from the background.
     """
+    step = 1.0 if gray.dtype == np.uint8 else 1.0 / 257.0
+    gray = reduce_to_work_size(gray)
     if background_is_light(gray):
         gray = 255.0 - gray  # MNIST polarity: light digit on dark
     signal = np.clip(gray - illumination(gray), 0.0, None)
     ring = border_ring(signal)
-    noise = 1.4826 * float(np.median(np.abs(ring - np.median(ring))))  # robust std of the paper
-    floor = max(4.0 * noise, 2.0)
-    candidates = signal[signal > max(3.0 * floor, 12.0)]
+    noise = max(1.4826 * float(np.median(np.abs(ring - np.median(ring)))), step)  # robust std of the paper
+    floor = 4.0 * noise
+    candidates = signal[signal > 3.0 * floor]
     if candidates.size == 0:
         raise BlankImageError("no digit found: the image is blank")
     peak = float(np.percentile(candidates, 95))  # the ink's level, robust to a few hot pixels
@@ -221,4 +229,4 @@ def mnist_normalize(gray: np.ndarray) -> np.ndarray:
     Raises:
         BlankImageError: the image holds no ink.
     """
-    return fit_and_centre(separate_ink(reduce_to_work_size(gray)))
+    return fit_and_centre(separate_ink(gray))

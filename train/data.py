@@ -10,15 +10,11 @@ from pathlib import Path
 
 import torch
 
+from bnpipe.datadir import resolve_data_root  # noqa: F401 - re-exported for the stages
 from bnpipe.errors import BnpipeError
 
 RAW_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 CLASSES = tuple(str(d) for d in range(10))
-
-
-def resolve_data_root(data: str | os.PathLike[str] | None) -> Path:
-    """The MNIST root: ``data`` if given, otherwise ``$BNPIPE_DATA``, otherwise ``./data``."""
-    return Path(data if data is not None else os.environ.get("BNPIPE_DATA") or "data")
 
 
 def load_mnist(root: str | os.PathLike[str], train: bool, download: bool = True) -> tuple[torch.Tensor, torch.Tensor]:

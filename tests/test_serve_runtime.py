@@ -1,0 +1,179 @@
+"""The onnxruntime side (bnpipe.serve.runtime, bnpipe.serve.cuda): providers, model contract, loading."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from bnpipe.errors import BnpipeError
+from bnpipe.serve import cuda
+from bnpipe.serve.runtime import CPU, CUDA, Model, check_contract, plan_providers, provider_that_ran
+from tests.test_serve_support import LABELS, LAYOUT, build_model, linear_reference
+
+ALL = ["TensorrtExecutionProvider", CUDA, CPU]
+GOOD_IN = [("pixels", "tensor(uint8)", ["batch", 1, 28, 28])]
+GOOD_OUT = [("logits", "tensor(float)", ["batch", 10])]
+GOOD_META = {"labels": json.dumps(LABELS), "input_layout": json.dumps(LAYOUT)}
+
+
+# --- which provider ---------------------------------------------------------------------------
+
+def test_auto_takes_cuda_only_with_a_gpu() -> None:
+    assert plan_providers("auto", ALL, gpu_count=1) == [CUDA, CPU]
+    assert plan_providers("auto", ALL, gpu_count=0) == [CPU]
+    assert plan_providers("auto", [CPU], gpu_count=2) == [CPU]  # the CPU-only onnxruntime build
+
+
+def test_cpu_never_asks_for_cuda() -> None:
+    assert plan_providers("cpu", ALL, gpu_count=1) == [CPU]
+
+
+def test_cuda_without_gpu_or_provider_is_an_error() -> None:
+    assert plan_providers("cuda", ALL, gpu_count=1) == [CUDA, CPU]
+    with pytest.raises(BnpipeError, match="no usable GPU"):
+        plan_providers("cuda", ALL, gpu_count=0)
+    with pytest.raises(BnpipeError, match="no CUDA execution provider"):
+        plan_providers("cuda", [CPU], gpu_count=1)
+
+
+def test_the_session_decides_what_ran() -> None:
+    assert provider_that_ran("auto", [CUDA, CPU]) == CUDA
+    assert provider_that_ran("auto", [CPU]) == CPU  # CUDA failed to start: auto may fall back
+    assert provider_that_ran("cuda", [CUDA, CPU]) == CUDA
+    with pytest.raises(BnpipeError, match="failed to start"):
+        provider_that_ran("cuda", [CPU])  # cuda never quietly falls back
+
+
+def test_device_cuda_on_this_machine(tmp_path: Path) -> None:
+    """--device cuda errors exactly when the driver reports no GPU; with one, CUDA really runs."""
+    model = build_model(tmp_path / "m.onnx", kind="conv")
+    if cuda.cuda_device_count() == 0:
+        with pytest.raises(BnpipeError, match="--device cuda: no usable GPU"):
+            Model.load(str(model), "cuda")
+        assert Model.load(str(model), "auto").provider == CPU
+    else:
+        assert Model.load(str(model), "cuda").provider == CUDA
+
+
+def test_session_falls_back_silently_and_we_notice(tmp_path: Path) -> None:
+    """Real onnxruntime: asked for CUDA where it cannot start, it runs on the CPU without a word.
+
+    Only `provider_that_ran` on `session.get_providers()` can catch it (run in a subprocess:
+    the preloaded CUDA libraries stay in the process).
+    """
+    model = build_model(tmp_path / "m.onnx", kind="conv")
+    code = (
+        "import onnxruntime as ort\n"
+        "from bnpipe.serve import cuda\n"
+        "from bnpipe.serve.runtime import provider_that_ran\n"
+        "from bnpipe.errors import BnpipeError\n"
+        "cuda.preload_cuda_libraries(); ort.set_default_logger_severity(4)\n"
+        f"s = ort.InferenceSession({str(model)!r}, providers=['CUDAExecutionProvider', 'CPUExecutionProvider'])\n"
+        "print(s.get_providers()[0])\n"
+        "try:\n    print(provider_that_ran('cuda', s.get_providers()))\n"
+        "except BnpipeError as e:\n    print('refused', e)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split("\n")
+    if cuda.cuda_device_count() == 0:
+        assert out[0] == CPU and out[1].startswith("refused --device cuda: the CUDA execution provider failed to start")
+    else:
+        assert out[0] == CUDA and out[1] == CUDA
+
+
+# --- CUDA libraries from the nvidia-* wheels ------------------------------------------------------
+
+def test_finds_cuda13_wheel_layout(tmp_path: Path) -> None:
+    site = tmp_path / "site-packages"
+    for rel in ["nvidia/cu13/lib/libcudart.so.13", "nvidia/cu13/lib/libcublas.so.13", "nvidia/cu13/lib/libcublasLt.so.13",
+                "nvidia/cu13/lib/libcufftw.so.12", "nvidia/cu13/lib/libcusolver.so.12", "nvidia/cudnn/lib/libcudnn.so.9",
+                "nvidia/cudnn/lib/libcudnn_ops.so.9", "nvidia/cuda_runtime/lib/libcudart.so.12", "nvidia/cu13/include/x.h"]:
+        (site / rel).parent.mkdir(parents=True, exist_ok=True)
+        (site / rel).write_bytes(b"")
+    dirs = cuda.nvidia_library_dirs([str(site), str(tmp_path / "absent")])
+    assert [Path(d).relative_to(site).as_posix() for d in dirs] == ["nvidia/cu13/lib", "nvidia/cuda_runtime/lib", "nvidia/cudnn/lib"]
+    names = sorted(Path(p).name for p in cuda.candidate_libraries(dirs))
+    assert names == ["libcublas.so.13", "libcublasLt.so.13", "libcudart.so.12", "libcudart.so.13", "libcudnn.so.9",
+                     "libcudnn_ops.so.9"]  # not cufftw, not cusolver: the provider needs neither
+
+
+def test_preloads_the_installed_cuda_libraries() -> None:
+    """The venv's real nvidia-* wheels load (no GPU needed to load them), in a fresh process."""
+    code = "from bnpipe.serve import cuda; import os; print(' '.join(os.path.basename(p) for p in cuda.preload_cuda_libraries()))"
+    names = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    for stem in ("libcudart.so.", "libcublasLt.so.", "libcublas.so.", "libcurand.so.", "libcudnn.so.", "libcudnn_cnn.so."):
+        assert any(n.startswith(stem) for n in names), (stem, names)
+
+
+# --- the model contract -------------------------------------------------------------------------
+
+def test_contract_accepts_the_export() -> None:
+    assert check_contract("m", GOOD_IN, GOOD_OUT, GOOD_META) == LABELS
+
+
+@pytest.mark.parametrize("inputs,match", [
+    ([("image", "tensor(uint8)", ["batch", 1, 28, 28])], "graph inputs"),
+    ([("pixels", "tensor(float)", ["batch", 1, 28, 28])], "graph inputs"),
+    ([("pixels", "tensor(uint8)", ["batch", 3, 28, 28])], "graph inputs"),
+    (GOOD_IN * 2, "graph inputs"),
+])
+def test_contract_refuses_other_inputs(inputs: list, match: str) -> None:
+    with pytest.raises(BnpipeError, match=f"^m: {match}"):
+        check_contract("m", inputs, GOOD_OUT, GOOD_META)
+
+
+@pytest.mark.parametrize("meta,match", [
+    ({"labels": json.dumps(LABELS)}, "no 'input_layout'"),
+    ({**GOOD_META, "input_layout": json.dumps({**LAYOUT, "dtype": "float32"})}, "input layout"),
+    ({**GOOD_META, "input_layout": "{oops"}, "not valid JSON"),
+    ({**GOOD_META, "labels": json.dumps(LABELS[:9])}, "graph outputs"),
+    ({**GOOD_META, "labels": json.dumps([1, 2])}, "not a list of strings"),
+])
+def test_contract_refuses_bad_metadata(meta: dict, match: str) -> None:
+    with pytest.raises(BnpipeError, match=match):
+        check_contract("m", GOOD_IN, GOOD_OUT, meta)
+
+
+def test_load_checks_the_real_graph(tmp_path: Path) -> None:
+    from onnx import TensorProto
+
+    wrong = build_model(tmp_path / "f.onnx", input_type=TensorProto.FLOAT)
+    with pytest.raises(BnpipeError, match="graph inputs"):
+        Model.load(str(wrong), "cpu")
+    no_meta = build_model(tmp_path / "n.onnx", drop_metadata=("input_layout",))
+    with pytest.raises(BnpipeError, match="no 'input_layout'"):
+        Model.load(str(no_meta), "cpu")
+
+
+def test_unusable_model_files(tmp_path: Path) -> None:
+    good = build_model(tmp_path / "good.onnx")
+    corrupt = tmp_path / "corrupt.onnx"
+    corrupt.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    text = tmp_path / "text.onnx"
+    text.write_text("this is not a model\n")
+    for path, match in [(tmp_path / "missing.onnx", "no such model file"), (tmp_path, "not a file"),
+                        (corrupt, "not a usable ONNX model"), (text, "not a usable ONNX model")]:
+        with pytest.raises(BnpipeError, match=match) as info:
+            Model.load(str(path), "cpu")
+        assert str(info.value).startswith(str(path)) and "\n" not in str(info.value)
+
+
+def test_logits_match_the_numpy_reference(tmp_path: Path) -> None:
+    model = Model.load(str(build_model(tmp_path / "m.onnx")), "cpu")
+    assert model.provider == CPU and model.labels == LABELS
+    pixels = np.random.default_rng(0).integers(0, 256, (7, 28, 28), dtype=np.uint8)
+    np.testing.assert_allclose(model.logits(pixels[:, None]), linear_reference(pixels), rtol=1e-5, atol=1e-5)
+
+
+def test_session_options(tmp_path: Path) -> None:
+    model = Model.load(str(build_model(tmp_path / "m.onnx")), "cpu")
+    import onnxruntime as ort
+
+    options = model.session.get_session_options()
+    assert options.graph_optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    assert 1 <= options.intra_op_num_threads <= max(1, min(4, os.cpu_count() or 1))
