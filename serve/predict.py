@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -135,39 +135,53 @@ def default_workers(n_items: int) -> int:
 def decoding_pool(n_items: int, workers: int | None = None) -> Iterator[Any]:
     """Yield a process pool that decodes images, or None when decoding stays in-process.
 
-    Open it before `Model.load`: fork copies only the calling thread, so the children must be
-    made before onnxruntime starts its thread pool. They start with numpy and Pillow already
-    imported (a spawned worker would spend ~0.2 s importing them).
+    Processes, not threads: decoding a small PNG is mostly Python inside Pillow, which holds
+    the GIL (two threads decode slower than one). Open the pool before `Model.load`: fork
+    copies only the calling thread, so the children must exist before onnxruntime starts its
+    threads, and they can decode while it loads. Forked, they start with numpy and Pillow
+    already imported (a spawned worker would spend ~0.2 s importing them).
 
     Args:
         n_items: How many images there are.
-        workers: Processes; None picks `default_workers`, 0 or 1 means none.
+        workers: Processes; None picks `default_workers`; 0 means none.
     """
     count = default_workers(n_items) if workers is None else workers
-    if count <= 1:
+    if count < 1:
         yield None
         return
-    import multiprocessing
+    import multiprocessing  # only here: it costs a single-image run ~10 ms to import
 
+    if "fork" not in multiprocessing.get_all_start_methods():  # Windows
+        yield None
+        return
     with multiprocessing.get_context("fork").Pool(count) as pool:
         yield pool
 
 
-def predict(model: Model, items: Sequence[Item], batch_size: int = 256, top_k: int = 3,
-            pool: Any = None) -> Iterator[list[Prediction]]:
-    """Predict every item, yielding one list of predictions per batch, in input order.
+def decode_batches(items: Sequence[Item], batch_size: int = 256,
+                   pool: Any = None) -> Iterator[tuple[Sequence[Item], np.ndarray, dict[int, str]]]:
+    """Decode ``items`` in batches, yielding (batch, pixels [M, 28, 28], {index: reason}) in order.
 
-    Args:
-        model: The loaded model.
-        items: From `expand_inputs`.
-        batch_size: Images per `session.run`.
-        top_k: How many (label, probability) pairs each prediction's ``top_k`` holds.
-        pool: From `decoding_pool`: it decodes the next batches while this one runs; None
-            decodes each batch in-process just before it runs.
+    With a pool (from `decoding_pool`) every batch is handed to the workers at once, so call
+    this before `Model.load`: the images decode while the session (and CUDA) starts up. Without
+    one, each batch is decoded in-process when it is asked for.
     """
     chunks = batches(items, batch_size)
     decoded = map(decode_batch, chunks) if pool is None else pool.imap(decode_batch, chunks)
-    for chunk, (pixels, errors) in zip(chunks, decoded):
+    return ((chunk, pixels, errors) for chunk, (pixels, errors) in zip(chunks, decoded))
+
+
+def predict(model: Model, decoded: Iterable[tuple[Sequence[Item], np.ndarray, dict[int, str]]],
+            top_k: int = 3) -> Iterator[list[Prediction]]:
+    """Predict every decoded batch with one `session.run`, yielding its predictions in input order.
+
+    Args:
+        model: The loaded model.
+        decoded: From `decode_batches`.
+        top_k: How many (label, probability) pairs each prediction's ``top_k`` holds.
+    """
+    for chunk, pixels, errors in decoded:
+        # pixels[:, None]: [M, 28, 28] -> [M, 1, 28, 28], the model's NCHW input
         ranked = rank(softmax(model.logits(pixels[:, None])), model.labels, top_k) if len(pixels) else []
         good = iter(ranked)
         out = []

@@ -24,8 +24,9 @@ INPUT_NAME, OUTPUT_NAME = "pixels", "logits"
 # What serve feeds the model; the model's `input_layout` metadata must say exactly this.
 EXPECTED_LAYOUT = {"name": INPUT_NAME, "dtype": "uint8", "shape": ["batch", 1, 28, 28], "layout": "NCHW",
                    "polarity": "light-on-dark"}
-# cuDNN's default EXHAUSTIVE search benchmarks every conv algorithm on the first run (seconds).
-CUDA_OPTIONS = {"device_id": "0", "cudnn_conv_algo_search": "HEURISTIC"}
+# cuDNN's default EXHAUSTIVE search benchmarks every conv algorithm on the first run (seconds);
+# TF32 (on by default on Ampere and later) would round the convs' inputs to 10 mantissa bits.
+CUDA_OPTIONS = {"device_id": "0", "cudnn_conv_algo_search": "HEURISTIC", "use_tf32": "0"}
 
 
 def plan_providers(device: str, available: Sequence[str], gpu_count: int) -> list[str]:
@@ -64,7 +65,8 @@ def provider_that_ran(device: str, session_providers: Sequence[str]) -> str:
     """
     ran = session_providers[0] if session_providers else CPU
     if device == "cuda" and ran != CUDA:
-        raise BnpipeError(f"--device cuda: the CUDA execution provider failed to start; the session would run on {ran}")
+        raise BnpipeError(f"--device cuda: the CUDA execution provider failed to start; "
+                          f"the session would run on {ran}")
     return ran
 
 
@@ -77,13 +79,19 @@ def _json_field(metadata: Mapping[str, str], key: str, model: str) -> Any:
         raise BnpipeError(f"{model}: metadata '{key}' is not valid JSON") from None
 
 
+def _one_tensor(specs: Sequence[tuple[str, str, list[Any]]], name: str, dtype: str, tail: list[int]) -> bool:
+    """Whether ``specs`` is exactly one tensor ``name`` of ``dtype`` shaped [batch, *tail]."""
+    return len(specs) == 1 and specs[0][0] == name and specs[0][1] == dtype and list(specs[0][2])[1:] == tail
+
+
 def check_contract(model: str, inputs: Sequence[tuple[str, str, list[Any]]],
                    outputs: Sequence[tuple[str, str, list[Any]]], metadata: Mapping[str, str]) -> list[str]:
     """Check that a model takes what serve feeds it and gives what serve reads.
 
     Args:
         model: The model's path, for messages.
-        inputs: (name, type, shape) of each graph input, e.g. ("pixels", "tensor(uint8)", ["batch", 1, 28, 28]).
+        inputs: (name, type, shape) of each graph input, e.g.
+            ("pixels", "tensor(uint8)", ["batch", 1, 28, 28]).
         outputs: (name, type, shape) of each graph output.
         metadata: The model's metadata_props.
 
@@ -95,14 +103,15 @@ def check_contract(model: str, inputs: Sequence[tuple[str, str, list[Any]]],
     """
     layout = _json_field(metadata, "input_layout", model)
     if layout != EXPECTED_LAYOUT:
-        raise BnpipeError(f"{model}: input layout {json.dumps(layout)} is not the {json.dumps(EXPECTED_LAYOUT)} serve feeds")
-    if len(inputs) != 1 or inputs[0][0] != INPUT_NAME or inputs[0][1] != "tensor(uint8)" or list(inputs[0][2])[1:] != [1, 28, 28]:
+        raise BnpipeError(f"{model}: input layout {json.dumps(layout)} is not what serve feeds, "
+                          f"{json.dumps(EXPECTED_LAYOUT)}")
+    if not _one_tensor(inputs, INPUT_NAME, "tensor(uint8)", [1, 28, 28]):
         raise BnpipeError(f"{model}: graph inputs {list(inputs)} do not match its input_layout "
                           f"(one uint8 '{INPUT_NAME}' of shape [batch, 1, 28, 28])")
     labels = _json_field(metadata, "labels", model)
     if not isinstance(labels, list) or not labels or not all(isinstance(x, str) for x in labels):
         raise BnpipeError(f"{model}: metadata 'labels' is not a list of strings")
-    if len(outputs) != 1 or outputs[0][0] != OUTPUT_NAME or outputs[0][1] != "tensor(float)" or list(outputs[0][2])[1:] != [len(labels)]:
+    if not _one_tensor(outputs, OUTPUT_NAME, "tensor(float)", [len(labels)]):
         raise BnpipeError(f"{model}: graph outputs {list(outputs)} are not one float '{OUTPUT_NAME}' "
                           f"of shape [batch, {len(labels)}]")
     return labels
@@ -124,8 +133,14 @@ class Model:
     provider: str
 
     @classmethod
-    def load(cls, path: str, device: str = "auto", verbose: bool = False) -> Model:
+    def load(cls, path: str, device: str = "auto", verbose: bool = False, threads: int | None = None) -> Model:
         """Create the onnxruntime session for ``path`` on ``device`` and check the model contract.
+
+        Args:
+            path: The ONNX file.
+            device: ``auto``, ``cuda`` or ``cpu`` (see `plan_providers`).
+            verbose: Let onnxruntime log warnings (a CUDA provider that fails to start says why).
+            threads: Intra-op threads on the CPU; None takes `intra_op_threads`.
 
         Raises:
             BnpipeError: the model is missing, not ONNX, corrupt, or breaks the contract, or the
@@ -144,7 +159,7 @@ class Model:
         ort.set_default_logger_severity(2 if verbose else 4)  # a CUDA start failure is reported by us
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.intra_op_num_threads = intra_op_threads()
+        options.intra_op_num_threads = threads or intra_op_threads()
         options.inter_op_num_threads = 1  # the graph is a chain: nothing runs side by side
         options.log_severity_level = 2 if verbose else 4
         # Idle ORT threads would spin and take the cores that decode images between batches.

@@ -13,7 +13,7 @@ from bnpipe.serve import image as serve_image
 from bnpipe.serve.image import ImageError, declared_size, load_digit, to_grayscale
 from bnpipe.serve.preprocess import mnist_normalize
 from tests.test_serve_preprocess import close
-from tests.test_serve_support import png_bytes_with_size, stroke_digit, write_bad_inputs
+from tests.test_serve_support import bmp_bytes_with_size, png_bytes_with_size, stroke_digit, write_bad_inputs
 
 
 @pytest.fixture(scope="module")
@@ -121,7 +121,7 @@ def test_to_grayscale_modes() -> None:
     assert np.allclose(to_grayscale(Image.new("F", (3, 2), 0.5)), 127.5)
 
 
-@pytest.mark.parametrize("name", ["empty.png", "notes.png", "truncated.png", "zero.png", "bomb.png"])
+@pytest.mark.parametrize("name", ["empty.png", "notes.png", "truncated.png", "zero.png", "bomb.png", "bomb.bmp"])
 def test_bad_files(tmp_path: Path, name: str) -> None:
     expected = write_bad_inputs(tmp_path)
     path = str(tmp_path / name)
@@ -155,6 +155,13 @@ def test_bomb_refused_without_decoding(monkeypatch: pytest.MonkeyPatch) -> None:
     assert serve_image.MAX_PIXELS < 8_000 * 7_000 < 2 * serve_image.MAX_PIXELS
     with pytest.raises(ImageError, match="too large"):
         load_digit(data, "-")
+
+
+def test_bomb_through_image_open(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A non-PNG bomb meets Pillow's own check in Image.open (the hard 2x-limit error here)."""
+    monkeypatch.setattr(Image.Image, "load", lambda self: pytest.fail("decoded a bomb"))
+    with pytest.raises(ImageError, match="too large.*decompression bomb"):
+        load_digit(bmp_bytes_with_size(60_000, 60_000), "-")
 
 
 def test_declared_size() -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +13,7 @@ from PIL import Image
 from bnpipe.serve.image import load_digit
 from bnpipe.serve.predict import (
     decode_batch,
+    decode_batches,
     decoding_pool,
     default_workers,
     expand_inputs,
@@ -20,6 +23,8 @@ from bnpipe.serve.predict import (
 )
 from bnpipe.serve.runtime import Model
 from tests.test_serve_support import build_model, linear_reference, write_bad_inputs
+
+BNPIPE = str(Path(sys.executable).parent / "bnpipe")  # the venv's console script
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +82,7 @@ def test_predictions_equal_reference_in_input_order(tmp_path: Path, linear: Mode
     # bad inputs interleaved with good ones, across batch boundaries
     order = [paths[0], str(tmp_path / "bad" / "empty.png"), *paths[1:5], str(tmp_path / "bad" / "bomb.png"),
              str(tmp_path / "missing.png"), *paths[5:]]
-    preds = flatten(predict(linear, expand_inputs(order), batch_size=batch_size, top_k=10))
+    preds = flatten(predict(linear, decode_batches(expand_inputs(order), batch_size), top_k=10))
     assert [p.path for p in preds] == order
     good = [p for p in preds if p.error is None]
     assert len(good) == 10
@@ -93,7 +98,7 @@ def test_predictions_equal_reference_in_input_order(tmp_path: Path, linear: Mode
 def test_every_bad_input_in_a_directory(tmp_path: Path, linear: Model) -> None:
     expected = write_bad_inputs(tmp_path / "mixed")
     paths, _ = write_digits(tmp_path / "mixed", 3)
-    preds = flatten(predict(linear, expand_inputs([str(tmp_path / "mixed")]), batch_size=2))
+    preds = flatten(predict(linear, decode_batches(expand_inputs([str(tmp_path / "mixed")]), 2)))
     assert len(preds) == len(expected) + 3
     for p in preds:
         name = Path(p.path).name
@@ -103,15 +108,20 @@ def test_every_bad_input_in_a_directory(tmp_path: Path, linear: Model) -> None:
             assert p.error is None and p.label is not None
 
 
-def test_worker_pool_gives_the_same_results(tmp_path: Path, linear: Model) -> None:
-    paths, _ = write_digits(tmp_path / "d", 12)
-    write_bad_inputs(tmp_path / "d")
-    items = expand_inputs([str(tmp_path / "d")])
-    serial = flatten(predict(linear, items, batch_size=3))
-    with decoding_pool(len(items), workers=2) as pool:
-        assert pool is not None
-        parallel = flatten(predict(linear, items, batch_size=3, pool=pool))
-    assert parallel == serial
+def test_worker_pool_gives_the_same_results(tmp_path: Path) -> None:
+    """Decode processes change nothing in the output (run as the CLI runs it: pool before model)."""
+    model = build_model(tmp_path / "m.onnx")
+    write_digits(tmp_path / "d", 12)
+    bad = write_bad_inputs(tmp_path / "d")
+    command = [BNPIPE, "predict", str(tmp_path / "d"), "--model", str(model), "--json", "--batch-size", "3"]
+    runs = [subprocess.run([*command, "--workers", w], capture_output=True, text=True) for w in ("0", "1", "2")]
+    assert [r.returncode for r in runs] == [1, 1, 1]  # the bad files
+    assert runs[0].stdout == runs[1].stdout == runs[2].stdout and len(runs[0].stdout.splitlines()) == 12 + len(bad)
+
+
+def test_no_pool_for_small_jobs() -> None:
+    with decoding_pool(10) as pool:
+        assert pool is None
 
 
 def test_default_workers() -> None:

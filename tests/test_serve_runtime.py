@@ -90,13 +90,16 @@ def test_session_falls_back_silently_and_we_notice(tmp_path: Path) -> None:
 
 def test_finds_cuda13_wheel_layout(tmp_path: Path) -> None:
     site = tmp_path / "site-packages"
-    for rel in ["nvidia/cu13/lib/libcudart.so.13", "nvidia/cu13/lib/libcublas.so.13", "nvidia/cu13/lib/libcublasLt.so.13",
-                "nvidia/cu13/lib/libcufftw.so.12", "nvidia/cu13/lib/libcusolver.so.12", "nvidia/cudnn/lib/libcudnn.so.9",
-                "nvidia/cudnn/lib/libcudnn_ops.so.9", "nvidia/cuda_runtime/lib/libcudart.so.12", "nvidia/cu13/include/x.h"]:
+    for rel in ["nvidia/cu13/lib/libcudart.so.13", "nvidia/cu13/lib/libcublas.so.13",
+                "nvidia/cu13/lib/libcublasLt.so.13", "nvidia/cu13/lib/libcufftw.so.12",
+                "nvidia/cu13/lib/libcusolver.so.12", "nvidia/cudnn/lib/libcudnn.so.9",
+                "nvidia/cudnn/lib/libcudnn_ops.so.9", "nvidia/cuda_runtime/lib/libcudart.so.12",  # a CUDA 12 layout too
+                "nvidia/cu13/include/x.h"]:
         (site / rel).parent.mkdir(parents=True, exist_ok=True)
         (site / rel).write_bytes(b"")
     dirs = cuda.nvidia_library_dirs([str(site), str(tmp_path / "absent")])
-    assert [Path(d).relative_to(site).as_posix() for d in dirs] == ["nvidia/cu13/lib", "nvidia/cuda_runtime/lib", "nvidia/cudnn/lib"]
+    found = [Path(d).relative_to(site).as_posix() for d in dirs]
+    assert found == ["nvidia/cu13/lib", "nvidia/cuda_runtime/lib", "nvidia/cudnn/lib"]
     names = sorted(Path(p).name for p in cuda.candidate_libraries(dirs))
     assert names == ["libcublas.so.13", "libcublasLt.so.13", "libcudart.so.12", "libcudart.so.13", "libcudnn.so.9",
                      "libcudnn_ops.so.9"]  # not cufftw, not cusolver: the provider needs neither
@@ -104,9 +107,11 @@ def test_finds_cuda13_wheel_layout(tmp_path: Path) -> None:
 
 def test_preloads_the_installed_cuda_libraries() -> None:
     """The venv's real nvidia-* wheels load (no GPU needed to load them), in a fresh process."""
-    code = "from bnpipe.serve import cuda; import os; print(' '.join(os.path.basename(p) for p in cuda.preload_cuda_libraries()))"
+    code = ("from bnpipe.serve import cuda; import os\n"
+            "print(' '.join(os.path.basename(p) for p in cuda.preload_cuda_libraries()))")
     names = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
-    for stem in ("libcudart.so.", "libcublasLt.so.", "libcublas.so.", "libcurand.so.", "libcudnn.so.", "libcudnn_cnn.so."):
+    for stem in ("libcudart.so.", "libcublasLt.so.", "libcublas.so.", "libcurand.so.", "libcudnn.so.",
+                 "libcudnn_cnn.so."):
         assert any(n.startswith(stem) for n in names), (stem, names)
 
 

@@ -60,11 +60,13 @@ def build_model(path: Path, kind: str = "linear", seed: int = 0, input_name: str
                   helper.make_node("MatMul", ["flat", "W"], ["mm"]), helper.make_node("Add", ["mm", "B"], ["logits"])]
     else:
         def weight(name: str, *shape: int) -> None:
-            init.append(numpy_helper.from_array((rng.standard_normal(shape) / np.sqrt(np.prod(shape[1:]))).astype(np.float32), name))
+            scaled = rng.standard_normal(shape) / np.sqrt(np.prod(shape[1:]))  # unit-variance activations
+            init.append(numpy_helper.from_array(scaled.astype(np.float32), name))
 
         weight("c1", 6, 1, 3, 3), weight("c2", 16, 6, 5, 5), weight("fc", 10, 400)
         init.append(numpy_helper.from_array(rng.standard_normal(10).astype(np.float32) * 0.1, "fcb"))
-        nodes += [helper.make_node("Conv", ["x", "c1"], ["y1"], pads=[1, 1, 1, 1]), helper.make_node("Relu", ["y1"], ["r1"]),
+        nodes += [helper.make_node("Conv", ["x", "c1"], ["y1"], pads=[1, 1, 1, 1]),
+                  helper.make_node("Relu", ["y1"], ["r1"]),
                   helper.make_node("MaxPool", ["r1"], ["p1"], kernel_shape=[2, 2], strides=[2, 2]),
                   helper.make_node("Conv", ["p1", "c2"], ["y2"]), helper.make_node("Relu", ["y2"], ["r2"]),
                   helper.make_node("MaxPool", ["r2"], ["p2"], kernel_shape=[2, 2], strides=[2, 2]),
@@ -111,7 +113,19 @@ def png_bytes_with_size(width: int, height: int) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)  # 8-bit grayscale
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 16)) + chunk(b"IEND", b"")
+    idat = zlib.compress(b"\x00" * 16)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+
+
+def bmp_bytes_with_size(width: int, height: int) -> bytes:
+    """An 8-bit BMP whose header declares ``width`` x ``height``, with almost no pixel data.
+
+    Unlike PNG (which serve opens with Pillow's PNG reader directly), a BMP goes through
+    `Image.open` and so meets Pillow's own decompression-bomb check.
+    """
+    info = struct.pack("<IiiHHIIiiII", 40, width, height, 1, 8, 0, 0, 2835, 2835, 0, 0)  # BITMAPINFOHEADER
+    offset = 14 + len(info) + 1024  # file header, info header, 256-colour palette
+    return b"BM" + struct.pack("<IHHI", offset + 16, 0, 0, offset) + info + bytes(1024) + bytes(16)
 
 
 def write_bad_inputs(directory: Path) -> dict[str, str]:
@@ -130,5 +144,6 @@ def write_bad_inputs(directory: Path) -> dict[str, str]:
     (directory / "truncated.png").write_bytes(data[: len(data) // 2])
     (directory / "zero.png").write_bytes(png_bytes_with_size(0, 10))
     (directory / "bomb.png").write_bytes(png_bytes_with_size(100_000, 100_000))
+    (directory / "bomb.bmp").write_bytes(bmp_bytes_with_size(60_000, 60_000))
     return {"empty.png": "empty file", "notes.png": "not an image", "truncated.png": "truncated",
-            "zero.png": "zero size", "bomb.png": "too large"}
+            "zero.png": "zero size", "bomb.png": "too large", "bomb.bmp": "too large"}
