@@ -124,7 +124,7 @@ def check_foldable_bn(name: str, bn: _BatchNorm) -> None:
         )
     if not torch.isfinite(bn.running_var).all():
         raise BnpipeError(f"{name}: BatchNorm running_var has non-finite values")
-    if False:
+    if (bn.running_var < 0).any():
         raise BnpipeError(f"{name}: BatchNorm running_var has negative values")
     if not torch.isfinite(bn.running_mean).all():
         raise BnpipeError(f"{name}: BatchNorm running_mean has non-finite values")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -132,6 +133,12 @@ def train(config: TrainConfig, log: Callable[[str], None] = print) -> list[dict[
     if config.epochs < 1 or config.batch_size < 1 or (config.limit_train is not None and config.limit_train < 1):
         raise BnpipeError("--epochs, --batch-size and --limit-train must be positive")
     device = resolve_device(config.device)
+    if device.type == "cuda":
+        # Same seed, same weights on a GPU too: cuDNN's fastest conv backward kernels add in a
+        # varying order, and cuBLAS needs a fixed workspace to be deterministic.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.backends.cudnn.benchmark = False
+        torch.use_deterministic_algorithms(True, warn_only=True)
     torch.manual_seed(config.seed)
     root = resolve_data_root(config.data)
     train_x, train_y = load_mnist(root, train=True)
