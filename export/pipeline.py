@@ -36,7 +36,7 @@ class ExportReport:
     verified_on: str
     seconds: float
     folded: list[tuple[str, str]] = field(default_factory=list)
-    left: list[str] = field(default_factory=list)
+    left: dict[str, str] = field(default_factory=dict)  # BN name -> why it was not folded
 
     def lines(self) -> list[str]:
         """The human-readable report, one fact per line."""
@@ -47,7 +47,7 @@ class ExportReport:
             f"parameters {b['params']} -> {a['params']}",
         ]
         out += [f"folded {bn} into {layer}" for layer, bn in self.folded]
-        out += [f"left in place (follows no foldable layer): {bn}" for bn in self.left]
+        out += [f"left in place: {bn} ({why})" for bn, why in self.left.items()]
         out += [
             f"verified on {self.verified_on}: max |logit diff| {self.max_abs_diff:.3g}, "
             f"argmax agreement {self.argmax_agreement:.2%}",
@@ -89,10 +89,10 @@ def export_checkpoint(
     size = int(ckpt["arch"]["image_size"])
     example = torch.zeros(2, int(ckpt["arch"]["in_channels"]), size, size, dtype=torch.uint8)
     unfolded = to_onnx(PixelsToLogits(net, norm), example, opset)
-    model, folded, left = unfolded, [], []
+    model, folded, left = unfolded, [], {}
     if fold_bn:
         result = fold_batchnorms(net, strict=strict)
-        folded, left = result.folded, result.left
+        folded, left = result.folded, {bn: result.reasons[bn] for bn in result.left}
         model = to_onnx(PixelsToLogits(result.module, norm), example, opset)
     set_metadata(model, build_metadata(ckpt, checkpoint, bn_folded=fold_bn))
     try:

@@ -19,7 +19,7 @@ D = TrainConfig()  # the defaults live in one place
 @click.option("--momentum", type=click.FloatRange(0, 1, max_open=True), default=D.momentum, show_default=True)
 @click.option("--weight-decay", type=click.FloatRange(min=0), default=D.weight_decay, show_default=True)
 @click.option("--schedule", type=click.Choice(SCHEDULES), default=D.schedule, show_default=True,
-              help="Learning-rate schedule over all steps.")
+              help="Learning-rate schedule over all steps (onecycle: warm up for 20%, then anneal).")
 @click.option("--bn", type=click.Choice(BN_CHOICES), default=D.bn, show_default=True,
               help="Normalization layer: nn.BatchNorm2d, our from-scratch BN, or none (baseline).")
 @click.option("--normalize", type=click.Choice(NORMALIZE_MODES), default=D.normalize, show_default=True,
@@ -33,7 +33,7 @@ D = TrainConfig()  # the defaults live in one place
 def train(**options: object) -> None:
     """Train the BN conv net on MNIST and write a checkpoint.
 
-    The defaults are the best 5-epoch recipe found (SGD, momentum 0.9, cosine schedule). The
+    The defaults are the best 5-epoch recipe found (SGD, momentum 0.9, one-cycle schedule). The
     tutorial's own settings are: --lr 0.1 --momentum 0 --weight-decay 0 --schedule none.
     """
     from bnpipe.train.loop import sidecar_paths
