@@ -40,3 +40,9 @@ def test_unknown_schedule_and_device_are_clear_errors() -> None:
         make_scheduler(opt, "linear", 10)
     with pytest.raises(BnpipeError, match="--device tpu"):
         resolve_device("tpu")
+
+
+@pytest.mark.parametrize("steps", [1, 2, 3, 5, 9])
+def test_onecycle_survives_tiny_runs(steps: int) -> None:
+    lrs = _lrs("onecycle", steps)
+    assert len(lrs) == steps and all(0 < lr <= 0.1 + 1e-12 for lr in lrs)

@@ -51,7 +51,11 @@ def make_scheduler(optimizer: torch.optim.Optimizer, schedule: str, total_steps:
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps)
     if schedule == "onecycle":
         peak = optimizer.param_groups[0]["lr"]
-        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=peak, total_steps=total_steps, pct_start=0.2,
+        if total_steps < 3:  # too short to warm up and anneal; OneCycleLR would divide by zero
+            return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+        # The warm-up must span at least 2 steps, or OneCycleLR divides by zero on tiny runs.
+        warmup = max(0.2, 2.0 / total_steps)
+        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=peak, total_steps=total_steps, pct_start=warmup,
                                                    cycle_momentum=False)
     raise BnpipeError(f"--schedule {schedule}: expected one of {', '.join(SCHEDULES)}")
 
