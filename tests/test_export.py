@@ -96,6 +96,10 @@ def _bad_checkpoint(kind: str, tmp_path: Path, good: Path) -> Path:
         ckpt = load_checkpoint(good)
         ckpt["state_dict"]["classifier.weight"] = torch.zeros(10, 123)
         torch.save(ckpt, path)
+    elif kind == "missing_weights":
+        ckpt = load_checkpoint(good)
+        del ckpt["state_dict"]["features.1.running_var"]
+        torch.save(ckpt, path)
     elif kind == "not_bnpipe":
         torch.save({"model": torch.zeros(3)}, path)
     return path
@@ -104,7 +108,7 @@ def _bad_checkpoint(kind: str, tmp_path: Path, good: Path) -> Path:
 @pytest.mark.parametrize(
     ("kind", "needle"),
     [("missing", "no such file"), ("corrupt", "not a readable checkpoint"), ("other_arch", "resnet18"),
-     ("other_weights", "does not fit"), ("not_bnpipe", "not a bnpipe checkpoint")],
+     ("other_weights", "does not fit"), ("missing_weights", "running_var"), ("not_bnpipe", "not a bnpipe checkpoint")],
 )
 def test_bad_checkpoint_is_one_line(trained_checkpoint: Path, tmp_path: Path, kind: str, needle: str) -> None:
     bad = _bad_checkpoint(kind, tmp_path, trained_checkpoint)
