@@ -26,7 +26,8 @@ import torch
 
 from bnpipe.datadir import resolve_data_root
 from bnpipe.export.fold import fold_batchnorms
-from bnpipe.export.onnx_export import INPUT_NAME, OUTPUT_NAME, PixelsToLogits, compare_logits, load_net, torch_reference_logits
+from bnpipe.contract import INPUT_NAME, OUTPUT_NAME
+from bnpipe.export.onnx_export import PixelsToLogits, compare_logits, load_net, torch_reference_logits
 from bnpipe.export.pipeline import export_checkpoint
 from bnpipe.train.data import load_mnist
 from bnpipe.train.preprocess import Normalization

@@ -15,11 +15,11 @@ import torch
 from torch import nn
 
 from bnpipe import __version__
+from bnpipe.contract import INPUT_NAME, OUTPUT_NAME, input_layout
 from bnpipe.errors import BnpipeError
 from bnpipe.train.checkpoint import file_sha256, load_checkpoint, model_from_checkpoint
 from bnpipe.train.preprocess import Normalization
 
-INPUT_NAME, OUTPUT_NAME = "pixels", "logits"
 DEFAULT_OPSET = 18
 
 
@@ -43,13 +43,6 @@ def load_net(checkpoint: str | os.PathLike[str]) -> tuple[dict[str, Any], nn.Mod
     ckpt = load_checkpoint(checkpoint)
     bn = "torch" if ckpt["arch"].get("bn") == "scratch" else None
     return ckpt, model_from_checkpoint(ckpt, checkpoint, bn=bn)
-
-
-def input_layout(ckpt: dict[str, Any]) -> dict[str, Any]:
-    """The ONNX input's description, as stored in the metadata and checked by `bnpipe predict`."""
-    size = int(ckpt["arch"]["image_size"])
-    return {"name": INPUT_NAME, "dtype": "uint8", "shape": ["batch", int(ckpt["arch"]["in_channels"]), size, size],
-            "layout": "NCHW", "polarity": "light-on-dark"}
 
 
 def to_onnx(module: nn.Module, example: torch.Tensor, opset: int = DEFAULT_OPSET) -> onnx.ModelProto:
@@ -88,7 +81,7 @@ def build_metadata(ckpt: dict[str, Any], checkpoint: str | os.PathLike[str], bn_
         "bnpipe_version": __version__,
         "preprocessing": json.dumps(ckpt["preprocessing"]),
         "labels": json.dumps(list(ckpt["labels"])),
-        "input_layout": json.dumps(input_layout(ckpt)),
+        "input_layout": json.dumps(input_layout(int(ckpt["arch"]["in_channels"]), int(ckpt["arch"]["image_size"]))),
         "bn_folded": "true" if bn_folded else "false",
         "source_checkpoint_sha256": file_sha256(checkpoint),
         "checkpoint_test_acc": f"{metrics[-1]['test_acc']:.6f}" if metrics else "",

@@ -15,15 +15,14 @@ from typing import Any
 
 import numpy as np
 
+from bnpipe.contract import INPUT_NAME, OUTPUT_NAME, input_layout
 from bnpipe.errors import BnpipeError
 
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
 DEVICES = ("auto", "cuda", "cpu")
-INPUT_NAME, OUTPUT_NAME = "pixels", "logits"
 # What serve feeds the model; the model's `input_layout` metadata must say exactly this.
-EXPECTED_LAYOUT = {"name": INPUT_NAME, "dtype": "uint8", "shape": ["batch", 1, 28, 28], "layout": "NCHW",
-                   "polarity": "light-on-dark"}
+EXPECTED_LAYOUT = input_layout()
 # cuDNN's default EXHAUSTIVE search benchmarks every conv algorithm on the first run (seconds);
 # TF32 (on by default on Ampere and later) would round the convs' inputs to 10 mantissa bits.
 CUDA_OPTIONS = {"device_id": "0", "cudnn_conv_algo_search": "HEURISTIC", "use_tf32": "0"}
