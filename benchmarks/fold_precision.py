@@ -124,7 +124,7 @@ def main(seeds: int = 2) -> int:
                 with torch.no_grad():
                     reference = copy.deepcopy(pair).double()(x.double())
                 exact = torch_fused(copy.deepcopy(pair).double())  # float64 fold: error ~1e-16
-                ours, theirs = fold_batchnorms(pair).module.get_submodule("0"), torch_fused(pair)
+                ours, theirs = fold_batchnorms(pair, example_inputs=(x,)).module.get_submodule("0"), torch_fused(pair)
                 f32 = (inference_error(ours, x, reference), inference_error(theirs, x, reference))
                 bound = (fold_error_bound(ours, exact, x), fold_error_bound(theirs, exact, x))
                 worst_inference = max(worst_inference, ratio(*f32))

@@ -8,6 +8,8 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from bnpipe.errors import BnpipeError, one_line
+
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
@@ -15,7 +17,8 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
 
     The temporary file lives in the same directory, so the final ``os.replace`` is atomic on
     POSIX: readers see either the old file or the complete new one, never a half-written one.
-    If the body raises, the temporary file is removed and ``path`` is left as it was.
+    If the body raises, the temporary file is removed and ``path`` is left as it was; an OSError
+    (a read-only or full disk, a missing permission) becomes a one-line ``BnpipeError``.
 
     Args:
         path: The final destination. Its parent directory is created if needed.
@@ -24,15 +27,23 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
         A fresh path that the caller writes the complete content to.
     """
     final = Path(path)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    # Keep the real suffix last so that writers which dispatch on it (matplotlib) still work.
-    fd, tmp = tempfile.mkstemp(prefix=f".{final.stem}.", suffix=f".tmp{final.suffix}", dir=final.parent)
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        # Keep the real suffix last so that writers which dispatch on it (matplotlib) still work.
+        fd, tmp = tempfile.mkstemp(prefix=f".{final.stem}.", suffix=f".tmp{final.suffix}", dir=final.parent)
+    except OSError as exc:
+        raise BnpipeError(f"{final}: cannot write ({exc.strerror or one_line(exc)})") from None
     os.close(fd)
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        with open(tmp_path, "rb+") as f:
+            os.fsync(f.fileno())  # the data reaches the disk before the rename makes it visible
         os.chmod(tmp_path, 0o644)
         os.replace(tmp_path, final)
+    except OSError as exc:
+        tmp_path.unlink(missing_ok=True)
+        raise BnpipeError(f"{final}: cannot write ({exc.strerror or one_line(exc)})") from None
     except BaseException:
         tmp_path.unlink(missing_ok=True)
         raise

@@ -9,3 +9,9 @@ class BnpipeError(Exception):
     """
 
     exit_code = 1
+
+
+def one_line(exc: BaseException, limit: int = 300) -> str:
+    """An exception's message squeezed onto one line (libraries raise multi-line ones), or its type."""
+    text = " ".join(str(exc).split())
+    return text[:limit] if text else type(exc).__name__

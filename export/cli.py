@@ -19,7 +19,8 @@ DEFAULT_ONNX = "models/bn_convnet.onnx"
 @click.option("--strict", is_flag=True, help="With --fold-bn: a BatchNorm that cannot be folded is an error.")
 @click.option("--tolerance", type=click.FloatRange(min=0), default=1e-4, show_default=True,
               help="Largest max |logit difference| against PyTorch before the export fails.")
-@click.option("--opset", type=click.IntRange(min=18), default=18, show_default=True, help="ONNX opset version.")
+@click.option("--opset", type=click.IntRange(min=18, max=25), default=18, show_default=True,
+              help="ONNX opset version (the dynamo exporter needs 18 or newer).")
 @click.option("--data", type=click.Path(file_okay=False), default=None,
               help="MNIST root for verification images. Default: $BNPIPE_DATA, else ./data; random pixels if absent.")
 def export(checkpoint: str, out: str, fold_bn: bool, strict: bool, tolerance: float, opset: int,

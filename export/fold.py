@@ -8,14 +8,16 @@ with ``torch.fx`` and returns a new module; the module it is given is never chan
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, fx, nn
+from torch.fx.passes.shape_prop import ShapeProp
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvTransposeNd
 
-from bnpipe.errors import BnpipeError
+from bnpipe.errors import BnpipeError, one_line
 
 # Exact types, not isinstance: a subclass may override forward, and then folding could be wrong.
 _FOLDABLE: tuple[type[nn.Module], ...] = (
@@ -141,7 +143,11 @@ def _references(graph: fx.Graph, name: str) -> int:
 
 
 def _why_not_foldable(gm: fx.GraphModule, bn_node: fx.Node) -> str | None:
-    """Return why the BatchNorm at ``bn_node`` cannot be folded into its input, or None if it can."""
+    """Return why the BatchNorm at ``bn_node`` cannot be folded into its input, or None if it can.
+
+    A Linear acts on the last axis and BatchNorm on axis 1; they are the same axis only for a
+    2-D [N, C] output, which the shapes recorded by ``ShapeProp`` (``node.meta["tensor_meta"]``) prove.
+    """
     src = bn_node.args[0] if bn_node.args else None
     if not isinstance(src, fx.Node) or src.op != "call_module":
         what = f"{src.op} {getattr(src.target, '__name__', src.target)}" if isinstance(src, fx.Node) else src
@@ -153,6 +159,15 @@ def _why_not_foldable(gm: fx.GraphModule, bn_node: fx.Node) -> str | None:
         return f"the output of {layer_name} is also used elsewhere; folding would change that use"
     if _references(gm.graph, layer_name) != 1:
         return f"{layer_name} is used more than once; folding would change its other uses"
+    if isinstance(gm.get_submodule(layer_name), nn.Linear):
+        if type(gm.get_submodule(str(bn_node.target))) is not nn.BatchNorm1d:
+            return f"a Linear ({layer_name}) folds only into a BatchNorm1d"
+        meta = src.meta.get("tensor_meta")
+        if meta is None:
+            return f"pass example_inputs to prove that {layer_name}'s output is [N, C]"
+        if len(meta.shape) != 2:
+            return (f"{layer_name}'s output is {list(meta.shape)}: BatchNorm1d normalizes axis 1, "
+                    "the Linear maps the last axis")
     return None
 
 
@@ -172,16 +187,20 @@ def _fold_into(layer: nn.Module, bn: _BatchNorm) -> None:
     layer.bias = nn.Parameter(bias, requires_grad=requires_grad)
 
 
-def fold_batchnorms(model: nn.Module, *, strict: bool = False) -> FoldResult:
+def fold_batchnorms(
+    model: nn.Module, *, strict: bool = False, example_inputs: Sequence[Tensor] | None = None
+) -> FoldResult:
     """Fold every BatchNorm that directly follows a Conv, ConvTranspose or Linear layer.
 
     The model is traced with ``torch.fx``; a BatchNorm is folded when its input is the output of a
-    plain Conv1d/2d/3d, ConvTranspose1d/2d/3d or Linear module that nothing else uses. Linear + BN1d
-    assumes the Linear output is ``[N, C]``, the only layout where BN's channel axis is Linear's.
+    plain Conv1d/2d/3d, ConvTranspose1d/2d/3d or Linear module that nothing else uses. Linear +
+    BatchNorm1d is folded only when ``example_inputs`` prove the Linear output is ``[N, C]``, the only
+    layout where BN's channel axis is the Linear's feature axis.
 
     Args:
         model: Any traceable module. It is deep-copied and never changed.
         strict: If True, a BatchNorm that cannot be folded is an error instead of being left in place.
+        example_inputs: Inputs to run the traced copy once, recording every tensor's shape.
 
     Returns:
         A :class:`FoldResult` whose module is a new ``torch.fx.GraphModule`` in eval mode.
@@ -193,8 +212,10 @@ def fold_batchnorms(model: nn.Module, *, strict: bool = False) -> FoldResult:
     try:
         gm = fx.symbolic_trace(copy.deepcopy(model))
     except Exception as exc:  # fx raises many types; the user needs one line naming the model
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise BnpipeError(f"{type(model).__name__}: cannot be traced by torch.fx: {first_line}") from exc
+        raise BnpipeError(f"{type(model).__name__}: cannot be traced by torch.fx: {one_line(exc)}") from exc
+    if example_inputs is not None:
+        with torch.no_grad():
+            ShapeProp(gm).propagate(*example_inputs)
     result = FoldResult(module=gm)
     for node in list(gm.graph.nodes):
         if node.op != "call_module" or not isinstance(bn := gm.get_submodule(node.target), _BatchNorm):

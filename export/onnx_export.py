@@ -16,7 +16,7 @@ from torch import nn
 
 from bnpipe import __version__
 from bnpipe.contract import INPUT_NAME, OUTPUT_NAME, input_layout
-from bnpipe.errors import BnpipeError
+from bnpipe.errors import BnpipeError, one_line
 from bnpipe.train.checkpoint import file_sha256, load_checkpoint, model_from_checkpoint
 from bnpipe.train.preprocess import Normalization
 
@@ -64,14 +64,22 @@ def to_onnx(module: nn.Module, example: torch.Tensor, opset: int = DEFAULT_OPSET
     model = program.model
     onnxscript.optimizer.fold_constants(model)
     onnxscript.optimizer.remove_unused_nodes(model)
-    return onnx_ir.serde.serialize_model(model)
+    proto = onnx_ir.serde.serialize_model(model)
+    written = {o.domain: o.version for o in proto.opset_import}.get("", None)
+    if written != opset:
+        raise BnpipeError(f"--opset {opset}: the exporter wrote opset {written} instead")
+    return proto
 
 
 def graph_stats(model: onnx.ModelProto) -> dict[str, int]:
-    """Node count, BatchNormalization count, and parameter count (initializer elements)."""
+    """Node count and BatchNormalization count of an ONNX graph."""
     ops = collections.Counter(node.op_type for node in model.graph.node)
-    params = sum(int(np.prod(init.dims)) for init in model.graph.initializer)
-    return {"nodes": sum(ops.values()), "bn_nodes": ops["BatchNormalization"], "params": params}
+    return {"nodes": sum(ops.values()), "bn_nodes": ops["BatchNormalization"]}
+
+
+def weight_count(module: nn.Module) -> int:
+    """Numbers the model stores: parameters and BN running statistics (not the batch counter)."""
+    return sum(t.numel() for t in module.state_dict().values() if t.is_floating_point())
 
 
 def build_metadata(ckpt: dict[str, Any], checkpoint: str | os.PathLike[str], bn_folded: bool) -> dict[str, str]:
@@ -111,8 +119,11 @@ def ort_logits(model_path: str | os.PathLike[str], pixels: np.ndarray, optimize:
     options = ort.SessionOptions()
     if not optimize:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    session = ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
-    return session.run([OUTPUT_NAME], {INPUT_NAME: pixels})[0]
+    try:
+        session = ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
+        return session.run([OUTPUT_NAME], {INPUT_NAME: pixels})[0]
+    except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own Fail/InvalidGraph/NotImplemented
+        raise BnpipeError(f"onnxruntime {ort.__version__} cannot run the exported model: {one_line(exc)}") from None
 
 
 def verification_pixels(data_root: Path | None, n: int = 1000, seed: int = 0) -> tuple[np.ndarray, str]:

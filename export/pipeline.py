@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shlex
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -11,11 +12,11 @@ import onnx
 import torch
 
 from bnpipe.atomic import atomic_path
-from bnpipe.errors import BnpipeError
+from bnpipe.errors import BnpipeError, one_line
 from bnpipe.export.fold import fold_batchnorms
 from bnpipe.export.onnx_export import (
     DEFAULT_OPSET, PixelsToLogits, build_metadata, compare_logits, graph_stats, load_net, ort_logits,
-    set_metadata, to_onnx, torch_reference_logits, verification_pixels,
+    set_metadata, to_onnx, torch_reference_logits, verification_pixels, weight_count,
 )  # fmt: skip
 from bnpipe.train.preprocess import Normalization
 
@@ -44,14 +45,14 @@ class ExportReport:
         out = [
             f"wrote {self.out} ({self.size_bytes / 1024:.1f} KiB), BN folded: {'yes' if self.bn_folded else 'no'}",
             f"nodes {b['nodes']} -> {a['nodes']}, BatchNormalization nodes {b['bn_nodes']} -> {a['bn_nodes']}, "
-            f"parameters {b['params']} -> {a['params']}",
+            f"weights (parameters and BN statistics) {b['params']} -> {a['params']}",
         ]
         out += [f"folded {bn} into {layer}" for layer, bn in self.folded]
         out += [f"left in place: {bn} ({why})" for bn, why in self.left.items()]
         out += [
             f"verified on {self.verified_on}: max |logit diff| {self.max_abs_diff:.3g}, "
             f"argmax agreement {self.argmax_agreement:.2%}",
-            f"done in {self.seconds:.1f}s; try: bnpipe predict --model {self.out} IMAGE...",
+            f"done in {self.seconds:.1f}s; try: bnpipe predict --model {shlex.quote(str(self.out))} IMAGE...",
         ]
         return out
 
@@ -89,16 +90,19 @@ def export_checkpoint(
     size = int(ckpt["arch"]["image_size"])
     example = torch.zeros(2, int(ckpt["arch"]["in_channels"]), size, size, dtype=torch.uint8)
     unfolded = to_onnx(PixelsToLogits(net, norm), example, opset)
-    model, folded, left = unfolded, [], {}
+    before = {**graph_stats(unfolded), "params": weight_count(net)}
+    model, after, folded, left = unfolded, before, [], {}
     if fold_bn:
-        result = fold_batchnorms(net, strict=strict)
+        result = fold_batchnorms(net, strict=strict, example_inputs=(norm.apply(example),))
         folded, left = result.folded, {bn: result.reasons[bn] for bn in result.left}
         model = to_onnx(PixelsToLogits(result.module, norm), example, opset)
-    set_metadata(model, build_metadata(ckpt, checkpoint, bn_folded=fold_bn))
+        after = {**graph_stats(model), "params": weight_count(result.module)}
+    bn_folded = bool(folded) and not left
+    set_metadata(model, build_metadata(ckpt, checkpoint, bn_folded=bn_folded))
     try:
         onnx.checker.check_model(model, full_check=True)
     except onnx.checker.ValidationError as exc:
-        raise BnpipeError(f"exported model fails onnx.checker: {str(exc).splitlines()[0]}") from None
+        raise BnpipeError(f"exported model fails onnx.checker: {one_line(exc)}") from None
 
     pixels, source = verification_pixels(data_root)
     reference = torch_reference_logits(checkpoint, pixels)
@@ -109,5 +113,5 @@ def export_checkpoint(
             raise BnpipeError(f"{out}: verification failed, max |logit diff| {diff:.3g} exceeds tolerance "
                               f"{tolerance:g} (argmax agreement {agree:.2%}); no file written")
         size_bytes = tmp.stat().st_size
-    return ExportReport(Path(out), fold_bn, graph_stats(unfolded), graph_stats(model), size_bytes, diff, agree,
-                        source, time.perf_counter() - t0, folded, left)
+    return ExportReport(Path(out), bn_folded, before, after, size_bytes, diff, agree, source,
+                        time.perf_counter() - t0, folded, left)

@@ -84,6 +84,24 @@ def test_failed_verification_leaves_no_file(trained_checkpoint: Path, tmp_path: 
     assert list(tmp_path.iterdir()) == []
 
 
+def test_opset_is_honoured_or_refused(trained_checkpoint: Path, tmp_path: Path) -> None:
+    out = tmp_path / "m21.onnx"
+    pipeline.export_checkpoint(trained_checkpoint, out, fold_bn=True, opset=21)
+    assert {o.domain: o.version for o in onnx.load(str(out)).opset_import}[""] == 21
+    result = CliRunner().invoke(cli, ["export", "--checkpoint", str(trained_checkpoint), "--out", str(out), "--opset", "99"])
+    assert result.exit_code == 2 and "--opset" in result.output
+
+
+def test_fold_of_a_net_without_bn_is_not_reported_as_folded(tiny_mnist: Path, tmp_path: Path) -> None:
+    ckpt = tmp_path / "none.pt"
+    assert CliRunner().invoke(cli, ["train", "--data", str(tiny_mnist), "--epochs", "1", "--bn", "none",
+                                    "--out", str(ckpt)]).exit_code == 0
+    report = pipeline.export_checkpoint(ckpt, tmp_path / "none.onnx", fold_bn=True)
+    assert not report.bn_folded and report.folded == []
+    meta = {p.key: p.value for p in onnx.load(str(tmp_path / "none.onnx")).metadata_props}
+    assert meta["bn_folded"] == "false"
+
+
 def _bad_checkpoint(kind: str, tmp_path: Path, good: Path) -> Path:
     path = tmp_path / f"{kind}.pt"
     if kind == "corrupt":
@@ -100,6 +118,10 @@ def _bad_checkpoint(kind: str, tmp_path: Path, good: Path) -> Path:
         ckpt = load_checkpoint(good)
         del ckpt["state_dict"]["features.1.running_var"]
         torch.save(ckpt, path)
+    elif kind == "bad_preprocessing":
+        ckpt = load_checkpoint(good)
+        ckpt["preprocessing"] = {"mode": "half"}
+        torch.save(ckpt, path)
     elif kind == "not_bnpipe":
         torch.save({"model": torch.zeros(3)}, path)
     return path
@@ -108,7 +130,8 @@ def _bad_checkpoint(kind: str, tmp_path: Path, good: Path) -> Path:
 @pytest.mark.parametrize(
     ("kind", "needle"),
     [("missing", "no such file"), ("corrupt", "not a readable checkpoint"), ("other_arch", "resnet18"),
-     ("other_weights", "does not fit"), ("missing_weights", "running_var"), ("not_bnpipe", "not a bnpipe checkpoint")],
+     ("other_weights", "does not fit"), ("missing_weights", "running_var"),
+     ("bad_preprocessing", "field 'preprocessing'"), ("not_bnpipe", "not a bnpipe checkpoint")],
 )
 def test_bad_checkpoint_is_one_line(trained_checkpoint: Path, tmp_path: Path, kind: str, needle: str) -> None:
     bad = _bad_checkpoint(kind, tmp_path, trained_checkpoint)

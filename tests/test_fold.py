@@ -113,7 +113,7 @@ def test_folded_pair_matches_unfolded(
     layer_spec: tuple[int, bool, int], bias: bool, affine: bool, eps: float
 ) -> None:
     pair, x = make_pair(layer_spec, bias, affine, eps)
-    result = fold_batchnorms(pair)
+    result = fold_batchnorms(pair, example_inputs=(x,))
     assert result.folded == [("0", "1")] and result.left == []
     assert bn_names(result.module) == [] and not result.module.training
     assert_matches_reference(result.module(x), pair, x)
@@ -134,7 +134,7 @@ def test_grouped_conv_transpose_fusion_wrong_ours_right(in_channels: int, groups
     conv = nn.ConvTranspose2d(in_channels, 6, 3, groups=groups)
     pair = nn.Sequential(conv, randomize_bn(nn.BatchNorm2d(6))).eval()
     x = torch.randn(2, in_channels, 5, 5)
-    assert_matches_reference(fold_batchnorms(pair).module(x), pair, x)
+    assert_matches_reference(fold_batchnorms(pair, example_inputs=(x,)).module(x), pair, x)
     # torch scales weight axis 1 as if it held all output channels; it holds out/groups of them.
     if groups == 2:  # [4, 3, 3, 3] * [1, 6, 1, 1] cannot broadcast
         with pytest.raises(RuntimeError):
@@ -171,7 +171,7 @@ class Net(nn.Module):
 
 def test_custom_forward_folded_via_fx() -> None:
     net, x = Net(), torch.randn(2, 3, 6, 6)
-    result = fold_batchnorms(net, strict=True)
+    result = fold_batchnorms(net, strict=True, example_inputs=(x,))
     assert result.folded == [("features.0", "features.1"), ("conv", "bn"), ("up", "up_bn"), ("fc", "fc_bn")]
     assert bn_names(result.module) == [] and result.left == []
     assert_matches_reference(result.module(x), net, x)
@@ -182,7 +182,7 @@ def test_input_module_not_mutated_and_result_in_eval_mode() -> None:
     for bn in (m for m in net.modules() if isinstance(m, _BatchNorm)):
         bn.eval()  # only the BNs must be in eval mode for folding; the rest may be training
     before = {k: v.clone() for k, v in net.state_dict().items()}
-    result = fold_batchnorms(net)
+    result = fold_batchnorms(net, example_inputs=(torch.randn(2, 3, 6, 6),))
     assert not any(m.training for m in result.module.modules())
     after = net.state_dict()
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
@@ -192,7 +192,7 @@ def test_input_module_not_mutated_and_result_in_eval_mode() -> None:
 
 def test_folded_module_exports_to_onnx_without_batchnorm() -> None:
     net, x = Net(), torch.randn(2, 3, 6, 6)
-    program = torch.onnx.export(fold_batchnorms(net).module, (x,), dynamo=True, verbose=False)
+    program = torch.onnx.export(fold_batchnorms(net, example_inputs=(x,)).module, (x,), dynamo=True, verbose=False)
     proto = program.model_proto
     assert "BatchNormalization" not in {node.op_type for node in proto.graph.node}
     session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
@@ -233,19 +233,35 @@ UNFOLDABLE = {
         lambda: nn.Sequential(OrderedDict(fc=nn.Linear(5, 3), norm=randomize_bn(nn.BatchNorm1d(6)))),
         (2, 6, 5), [],
     ),
+    # Same, but Linear's features equal BN's channels (6 == 6): only the shapes show it is wrong.
+    "linear-over-sequence-same-size": (
+        lambda: nn.Sequential(OrderedDict(fc=nn.Linear(6, 6), norm=randomize_bn(nn.BatchNorm1d(6)))),
+        (2, 6, 6), [],
+    ),
+    # Linear [N, 6, 5, 4] -> [N, 6, 5, 6], then BatchNorm2d over axis 1.
+    "linear-into-bn2d": (
+        lambda: nn.Sequential(OrderedDict(fc=nn.Linear(4, 6), norm=randomize_bn(nn.BatchNorm2d(6)))),
+        (2, 6, 5, 4), [],
+    ),
 }  # fmt: skip
+
+
+def test_linear_without_example_inputs_is_left_with_the_reason() -> None:
+    model = nn.Sequential(OrderedDict(fc=nn.Linear(5, 6), norm=randomize_bn(nn.BatchNorm1d(6)))).eval()
+    result = fold_batchnorms(model)
+    assert result.left == ["norm"] and "example_inputs" in result.reasons["norm"]
 
 
 @pytest.mark.parametrize("case", UNFOLDABLE)
 def test_unfoldable_bn_left_and_reported(case: str) -> None:
     make_model, shape, folded = UNFOLDABLE[case]
     model, x = make_model().eval(), torch.randn(shape)
-    result = fold_batchnorms(model)
+    result = fold_batchnorms(model, example_inputs=(x,))
     assert result.folded == folded and result.left == ["norm"] and result.reasons["norm"]
     assert bn_names(result.module) == ["norm"]
     assert_matches_reference(result.module(x), model, x)
     with pytest.raises(BnpipeError, match=r"^norm: BatchNorm cannot be folded"):
-        fold_batchnorms(model, strict=True)
+        fold_batchnorms(model, strict=True, example_inputs=(x,))
 
 
 def _fill(buffer: str, value: float) -> Callable[[Net], None]:

@@ -77,6 +77,39 @@ def test_missing_data_dir_is_one_line(tmp_path: Path) -> None:
     assert len(lines) == 1 and lines[0].startswith("bnpipe: error: MNIST not found in")
 
 
+def test_nan_in_epoch_two_keeps_epoch_one_checkpoint(tiny_mnist: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import bnpipe.train.loop as loop
+
+    real, calls = loop.train_one_epoch, []
+
+    def failing_second_epoch(*args: object, **kwargs: object) -> tuple[float, float]:
+        calls.append(1)
+        if len(calls) == 2:
+            raise FloatingPointError("training loss is not finite")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "train_one_epoch", failing_second_epoch)
+    out = tmp_path / "m.pt"
+    result = _train(["--data", str(tiny_mnist), "--epochs", "3", "--out", str(out)])
+    assert result.exit_code == 1 and "non-finite in epoch 2" in result.output and str(out) in result.output
+    assert [m["epoch"] for m in load_checkpoint(out)["metrics"]] == [1]
+    assert json.loads(out.with_suffix(".json").read_text())["metrics"][0]["epoch"] == 1
+    assert out.with_suffix(".png").is_file()
+
+
+def test_no_progress_bar_when_stderr_is_not_a_terminal(tiny_mnist: Path, tmp_path: Path) -> None:
+    result = CliRunner().invoke(cli, ["train", "--data", str(tiny_mnist), "--epochs", "1", "--out", str(tmp_path / "m.pt")])
+    assert result.exit_code == 0
+    assert "it/s" not in result.stderr and "train:" not in result.stderr and "%|" not in result.output
+
+
+@pytest.mark.parametrize("suffix", [".json", ".png"])
+def test_out_cannot_collide_with_the_sidecars(tiny_mnist: Path, tmp_path: Path, suffix: str) -> None:
+    out = tmp_path / f"m{suffix}"
+    result = _train(["--data", str(tiny_mnist), "--out", str(out)])
+    assert result.exit_code == 1 and "sidecar" in result.output and not out.exists()
+
+
 def test_non_finite_loss_keeps_last_good_checkpoint(tiny_mnist: Path, tmp_path: Path) -> None:
     out = tmp_path / "m.pt"
     assert _train(["--data", str(tiny_mnist), "--epochs", "1", "--out", str(out)]).exit_code == 0

@@ -12,12 +12,13 @@ from torch import nn
 
 from bnpipe import __version__
 from bnpipe.atomic import atomic_path
-from bnpipe.errors import BnpipeError
+from bnpipe.errors import BnpipeError, one_line
 from bnpipe.train.model import build_model
 from bnpipe.train.preprocess import Normalization
 
 FORMAT = "bnpipe.checkpoint/1"
 REQUIRED_KEYS = ("format", "arch", "preprocessing", "labels", "config", "metrics", "state_dict")
+ARCH_INTS = ("in_channels", "num_classes", "image_size")
 
 
 def save_checkpoint(
@@ -57,14 +58,37 @@ def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
         # weights_only: a checkpoint is plain dicts, lists and tensors; never unpickle code.
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - torch raises many types for a bad file
-        reason = " ".join(str(exc).split())[:200] or type(exc).__name__
-        raise BnpipeError(f"checkpoint {path}: not a readable checkpoint ({reason})") from None
+        raise BnpipeError(f"checkpoint {path}: not a readable checkpoint ({one_line(exc, 200)})") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise BnpipeError(f"checkpoint {path}: not a bnpipe checkpoint (expected format {FORMAT!r})")
     missing = [k for k in REQUIRED_KEYS if k not in ckpt]
     if missing:
         raise BnpipeError(f"checkpoint {path}: missing fields {missing}")
+    problem = _field_problem(ckpt)
+    if problem:
+        raise BnpipeError(f"checkpoint {path}: {problem}")
     return ckpt
+
+
+def _field_problem(ckpt: dict[str, Any]) -> str | None:
+    """What is wrong with the fields later stages read, or None; the types come from `save_checkpoint`."""
+    arch, prep, metrics = ckpt["arch"], ckpt["preprocessing"], ckpt["metrics"]
+    if not isinstance(arch, dict) or not all(isinstance(arch.get(k), int) for k in ARCH_INTS):
+        return f"field 'arch' must hold the integers {list(ARCH_INTS)}"
+    channels = arch["in_channels"]
+    if not isinstance(prep, dict) or not isinstance(prep.get("mode"), str) or not all(
+        isinstance(prep.get(k), list) and len(prep[k]) == channels and all(isinstance(v, float) for v in prep[k])
+        for k in ("mean", "std")
+    ) or not all(v > 0 for v in prep["std"]):
+        return f"field 'preprocessing' must hold a mode and {channels} float means and positive stds"
+    labels = ckpt["labels"]
+    if not isinstance(labels, list) or len(labels) != arch["num_classes"] or not all(isinstance(x, str) for x in labels):
+        return f"field 'labels' must be {arch['num_classes']} strings"
+    if not isinstance(metrics, list) or not metrics or not isinstance(metrics[-1].get("test_acc"), float):
+        return "field 'metrics' must list at least one epoch with its test_acc"
+    if not isinstance(ckpt["state_dict"], dict) or not all(isinstance(v, torch.Tensor) for v in ckpt["state_dict"].values()):
+        return "field 'state_dict' must map names to tensors"
+    return None
 
 
 def model_from_checkpoint(ckpt: dict[str, Any], path: str | os.PathLike[str] = "<checkpoint>", bn: str | None = None) -> nn.Module:
@@ -83,8 +107,7 @@ def model_from_checkpoint(ckpt: dict[str, Any], path: str | os.PathLike[str] = "
         model = build_model(arch)
         model.load_state_dict(ckpt["state_dict"])
     except (ValueError, RuntimeError, KeyError, TypeError) as exc:
-        reason = " ".join(str(exc).split())[:300]
-        raise BnpipeError(f"checkpoint {path}: does not fit the bnpipe architecture ({reason})") from None
+        raise BnpipeError(f"checkpoint {path}: does not fit the bnpipe architecture ({one_line(exc)})") from None
     return model.eval()
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from bnpipe.datadir import resolve_data_root  # noqa: F401 - re-exported for the stages
-from bnpipe.errors import BnpipeError
+from bnpipe.errors import BnpipeError, one_line
 
 RAW_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 CLASSES = tuple(str(d) for d in range(10))
@@ -49,8 +49,7 @@ def load_mnist(root: str | os.PathLike[str], train: bool, download: bool = True)
                 f"MNIST not found in {raw} and could not be downloaded; put the four raw files "
                 f"({', '.join(RAW_FILES)}) there, or point --data/BNPIPE_DATA at their root"
             ) from None
-        reason = " ".join(str(exc).split()) or type(exc).__name__
-        raise BnpipeError(f"MNIST files in {raw} are corrupt or unreadable: {reason}") from None
+        raise BnpipeError(f"MNIST files in {raw} are corrupt or unreadable: {one_line(exc)}") from None
     images, labels = ds.data, ds.targets
     if images.dim() != 3 or images.dtype != torch.uint8 or labels.shape != images.shape[:1]:
         raise BnpipeError(

@@ -149,6 +149,9 @@ def train(config: TrainConfig, log: Callable[[str], None] = print) -> list[dict[
 
     if config.epochs < 1 or config.batch_size < 1 or (config.limit_train is not None and config.limit_train < 1):
         raise BnpipeError("--epochs, --batch-size and --limit-train must be positive")
+    if Path(config.out).suffix in (".json", ".png"):
+        raise BnpipeError(f"--out {config.out}: the .json sidecar and .png plot go beside the checkpoint; "
+                          "give it another suffix, such as .pt")
     device = resolve_device(config.device)
     if device.type == "cuda":
         # Same seed, same weights on a GPU too: cuDNN's fastest conv backward kernels add in a
@@ -192,5 +195,5 @@ def train(config: TrainConfig, log: Callable[[str], None] = print) -> list[dict[
         save_checkpoint(config.out, model, arch, norm, list(CLASSES), asdict(config), metrics)
         write_text_atomic(json_path, json.dumps({"config": asdict(config), "arch": arch,
                                                  "preprocessing": norm.to_dict(), "metrics": metrics}, indent=2) + "\n")
-    plot_curves(metrics, png_path)
+        plot_curves(metrics, png_path)
     return metrics

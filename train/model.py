@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import nn
 
 from bnpipe.train.batchnorm import ScratchBatchNorm2d
@@ -38,7 +39,8 @@ class BNConvNet(nn.Module):
         )
         self.classifier = nn.Linear(16 * 5 * 5, num_classes)
 
-    def forward(self, x):  # type: ignore[no-untyped-def]
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalized images [N, 1, 28, 28] -> logits [N, num_classes]."""
         return self.classifier(self.features(x).flatten(1))
 
 

@@ -1,0 +1,29 @@
+from pathlib import Path
+
+import pytest
+
+from bnpipe.atomic import atomic_path, write_text_atomic
+from bnpipe.errors import BnpipeError
+
+
+def test_replaces_whole_file_and_leaves_no_temp(tmp_path: Path) -> None:
+    target = tmp_path / "sub" / "a.txt"
+    write_text_atomic(target, "one")
+    write_text_atomic(target, "two")
+    assert target.read_text() == "two" and [p.name for p in target.parent.iterdir()] == ["a.txt"]
+
+
+def test_failure_keeps_old_content(tmp_path: Path) -> None:
+    target = tmp_path / "a.txt"
+    target.write_text("old")
+    with pytest.raises(RuntimeError), atomic_path(target) as tmp:
+        tmp.write_text("half")
+        raise RuntimeError("writer died")
+    assert target.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["a.txt"]
+
+
+def test_unwritable_place_is_one_line(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(BnpipeError, match=r"file/a.txt: cannot write"):
+        write_text_atomic(blocker / "a.txt", "data")  # a file where a folder should be
