@@ -42,6 +42,7 @@ NOISE = 0.95  # "at least as fast" allows 5%, this machine's spread between two 
 
 
 def ort_runner(path: Path, optimize: bool) -> Callable[[np.ndarray], np.ndarray]:
+    """A CPU onnxruntime session for ``path`` as a function pixels -> logits."""
     options = ort.SessionOptions()
     options.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
                                         else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
@@ -52,6 +53,7 @@ def ort_runner(path: Path, optimize: bool) -> Callable[[np.ndarray], np.ndarray]
 
 
 def torch_runner(module: torch.nn.Module) -> Callable[[np.ndarray], np.ndarray]:
+    """PyTorch eager inference of ``module`` as a function pixels -> logits."""
     module.eval()
 
     def run(pixels: np.ndarray) -> np.ndarray:
@@ -90,6 +92,7 @@ def head_to_head(a: Callable[[np.ndarray], np.ndarray], b: Callable[[np.ndarray]
 
 
 def main() -> int:
+    """Print the table and the verdicts; return the exit status (0 when every target is met)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", default="models/bn_convnet.pt")
     parser.add_argument("--data", default=None, help="MNIST root (default: $BNPIPE_DATA, else ./data)")

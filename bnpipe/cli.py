@@ -28,9 +28,11 @@ class LazyGroup(click.Group):
     """A click group that imports a subcommand's module only when that subcommand is used."""
 
     def list_commands(self, ctx: click.Context) -> list[str]:
+        """The command names, in the order of the pipeline."""
         return list(COMMANDS)
 
     def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        """Import and return the command ``cmd_name``, or None for an unknown name."""
         target = COMMANDS.get(cmd_name)
         if target is None:
             return None
@@ -38,6 +40,7 @@ class LazyGroup(click.Group):
         return getattr(importlib.import_module(module_name), attr)
 
     def invoke(self, ctx: click.Context) -> object:
+        """Run the command; turn a ``BnpipeError`` into one line on stderr and its exit code."""
         # Library code raises BnpipeError for bad input; the user gets one line, never a traceback.
         try:
             return super().invoke(ctx)

@@ -31,6 +31,7 @@ class PixelsToLogits(nn.Module):
         self.net, self.norm = net, norm
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Raw pixels uint8 [N, C, H, W] -> logits [N, classes]."""
         return self.net(self.norm.apply(pixels))
 
 

@@ -85,6 +85,7 @@ class ScratchBatchNorm2d(nn.Module):
         self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalize [N, C, H, W]; in training also count the batch and update the moving statistics."""
         if x.dim() != 4:
             raise ValueError(f"ScratchBatchNorm2d expects [N, C, H, W] input, got shape {tuple(x.shape)}")
         momentum = self.momentum
@@ -96,4 +97,5 @@ class ScratchBatchNorm2d(nn.Module):
                           self.training, momentum if momentum is not None else 0.0, self.eps)
 
     def extra_repr(self) -> str:
+        """The constructor arguments, as ``nn.BatchNorm2d`` prints them."""
         return f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}"

@@ -7,7 +7,7 @@ for images [N, C, H, W] reduce over ``dims=(0, 2, 3)`` to get one statistic per 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 
