@@ -2,6 +2,7 @@
 
 Modules: `image` (any Pillow format to a grayscale array; bad files refused with one line),
 `preprocess` (pure MNIST-style normalization), `runtime` (provider choice, model contract,
-session), `cuda` (GPU probe and the nvidia-* wheels' libraries), `predict` (inputs, parallel
-decoding, batches), `output` (text and JSON Lines), `cli` (the click command).
+session), `cuda` (GPU probe and the nvidia-* wheels' libraries), `inputs` (PATHs to inputs),
+`predict` (parallel decoding, batches, and `run`: the whole command as a function), `output`
+(text and JSON Lines), `cli` (the click command), `samples` (MNIST test images as PNGs).
 """

@@ -35,11 +35,39 @@ def cuda_device_count() -> int:
     return count.value
 
 
+_SITE_NAMES = ("site-packages", "dist-packages")  # where pip installs; Debian's Python says dist-packages
+
+
+def site_package_dirs() -> list[str]:
+    """Return the directories that pip installs packages into, and only those.
+
+    The interpreter's own (``site.getsitepackages()``), the user's when Python uses it, and
+    the ``sys.path`` entries that are real site-packages or dist-packages directories (a
+    ``PYTHONPATH`` pointing at one). Never the current directory: an empty or relative
+    ``sys.path`` entry (``python -m`` puts the working directory first) is skipped, so a file
+    planted there is never loaded into the process.
+    """
+    import site  # already imported at start-up, unless python -S
+
+    dirs = list(site.getsitepackages()) if hasattr(site, "getsitepackages") else []
+    if site.ENABLE_USER_SITE:
+        dirs.append(site.getusersitepackages())
+    dirs += [p for p in sys.path if os.path.isabs(p) and os.path.basename(os.path.normpath(p)) in _SITE_NAMES]
+    unique = dict.fromkeys(os.path.realpath(d) for d in dirs)  # an ordered set
+    return [d for d in unique if os.path.isdir(d)]
+
+
 def nvidia_library_dirs(search_path: Iterable[str] | None = None) -> list[str]:
-    """Return every ``nvidia/*/lib`` directory under the entries of ``search_path`` (sys.path)."""
+    """Return every ``nvidia/*/lib`` directory under the entries of ``search_path``.
+
+    Args:
+        search_path: Directories to look in; None takes `site_package_dirs`. Empty and relative
+            entries are skipped: they would mean the current directory.
+    """
     dirs: list[str] = []
-    for entry in sys.path if search_path is None else search_path:
-        dirs.extend(sorted(glob.glob(os.path.join(entry or ".", "nvidia", "*", "lib"))))
+    for entry in site_package_dirs() if search_path is None else search_path:
+        if entry and os.path.isabs(entry):
+            dirs.extend(sorted(glob.glob(os.path.join(entry, "nvidia", "*", "lib"))))
     return [d for d in dirs if os.path.isdir(d)]
 
 
@@ -64,6 +92,9 @@ def preload_cuda_libraries(search_path: Iterable[str] | None = None) -> list[str
     Libraries depend on each other (cublas on cublasLt, cuDNN's parts on one another) and a
     library loads only once its dependencies have, so the list is retried until a round loads
     nothing new; the order of the files on disk does not matter.
+
+    Args:
+        search_path: Directories holding ``nvidia/*/lib`` (see `nvidia_library_dirs`).
 
     Returns:
         The paths loaded (empty where no nvidia-* package is installed: then the system's

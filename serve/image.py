@@ -1,8 +1,9 @@
 """Read an image of any format Pillow knows into the model's 28x28 digit, or refuse it with one line.
 
-Importing this module sets Pillow's decompression-bomb limit to `MAX_PIXELS` and turns Pillow's
-DecompressionBombWarning into an error, so an image of huge dimensions is refused from its
-header, before any pixel is decoded.
+An image of more than `MAX_PIXELS` is refused from its header, before any pixel is decoded; while
+`load_digit` reads, Pillow's own DecompressionBombWarning is an error (a scoped warnings filter:
+importing this module changes nothing in Pillow or in the process's warning filters). A decoded
+image is box-reduced to the working size in its own mode before anything is converted to float.
 """
 
 from __future__ import annotations
@@ -15,16 +16,16 @@ from typing import BinaryIO
 import numpy as np
 from PIL import Image, PngImagePlugin
 
-from bnpipe.errors import BnpipeError
-from bnpipe.serve.preprocess import BlankImageError, composite_alpha, preprocess
+from bnpipe.errors import BnpipeError, one_line
+from bnpipe.serve.preprocess import BlankImageError, composite_alpha, preprocess, work_factor
 
-MAX_PIXELS = 50_000_000  # a 50-megapixel photo is ~200 MB as RGBA; larger is refused unread
+# 25 megapixels (a 6000x4000 camera photo) is ~100 MB decoded as RGBA: far more than a digit needs.
+MAX_PIXELS = 25_000_000
 DRAFT_SIZE = 512  # a large JPEG is decoded at 1/2..1/8 scale, keeping at least this many px a side
-Image.MAX_IMAGE_PIXELS = MAX_PIXELS
-warnings.filterwarnings("error", category=Image.DecompressionBombWarning)
 
 _WIDE = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I"})  # 16-bit (and 32-bit integer) gray
-_ALPHA = frozenset({"LA", "PA", "RGBA", "RGBa"})
+_ALPHA = frozenset({"LA", "RGBA", "RGBa"})
+_INDEXED = frozenset({"1", "P", "PA"})  # pixel values that are not levels: averaging them means nothing
 _NO_EXIF = frozenset({"PNG", "BMP", "GIF"})  # formats whose orientation is never in EXIF here
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -107,7 +108,7 @@ def open_image(fp: BinaryIO, name: str) -> Image.Image:
     w, h = im.size
     if w <= 0 or h <= 0:
         raise ImageError(name, f"image has zero size ({w}x{h})")
-    if w * h > MAX_PIXELS:  # the PNG fast path's bomb check, and a guard if MAX_IMAGE_PIXELS was raised
+    if w * h > MAX_PIXELS:  # below Pillow's own limit, and the only check on the PNG fast path
         raise ImageError(name, f"image too large, refused before decoding ({w}x{h} = {w * h} pixels > {MAX_PIXELS})")
     return im
 
@@ -142,14 +143,40 @@ def decode(im: Image.Image, name: str) -> Image.Image:
         im.draft("L", (min(w, DRAFT_SIZE), min(h, DRAFT_SIZE)))
     try:
         im.load()
+        if im.format not in _NO_EXIF:
+            from PIL import ImageOps
+
+            # A phone photo is stored sideways with an EXIF rotation; in place: no copy when upright.
+            ImageOps.exif_transpose(im, in_place=True)
     except Exception as exc:  # noqa: BLE001 - Pillow raises OSError, SyntaxError, ValueError...
         kind = "truncated image" if "truncated" in str(exc) or isinstance(exc, EOFError) else "corrupt image data"
         raise ImageError(name, f"{kind} ({exc})") from None
-    if im.format not in _NO_EXIF:
-        from PIL import ImageOps
-
-        im = ImageOps.exif_transpose(im)  # a phone photo is stored sideways with an EXIF rotation
     return im
+
+
+def _levels(im: Image.Image) -> Image.Image:
+    """Turn a bilevel or palette image into levels that can be averaged: RGBA where it has transparency, else L."""
+    return im.convert("RGBA" if im.mode == "PA" or "transparency" in im.info else "L")
+
+
+def shrink(im: Image.Image) -> Image.Image:
+    """Box-reduce a decoded image by `work_factor`, in its own mode, before any float conversion.
+
+    A 25-megapixel RGBA image makes float32 arrays of 100 MB each; reduced first, they are a few
+    MB. `Image.reduce` premultiplies alpha, so transparent pixels' colour does not bleed into the
+    ink. Palette and bilevel images become levels first, 16-bit ones 32-bit (reduce takes no I;16).
+
+    Returns:
+        ``im`` itself when it is within the working size, else the reduced image.
+    """
+    factor = work_factor(*im.size)
+    if factor == 1:
+        return im
+    if im.mode in _INDEXED:
+        im = _levels(im)
+    elif im.mode in _WIDE:
+        im = im.convert("I")  # exact: 0..65535 fits in int32
+    return im.reduce(factor)
 
 
 def to_grayscale(im: Image.Image) -> np.ndarray:
@@ -161,12 +188,15 @@ def to_grayscale(im: Image.Image) -> np.ndarray:
 
     Returns:
         [H, W] uint8 or float32.
+
+    Raises:
+        ValueError: Pillow cannot convert the image's mode (LAB, HSV) to gray.
     """
     mode = im.mode
     if mode == "L":
         return np.asarray(im)
-    if mode == "P":
-        return to_grayscale(im.convert("RGBA" if "transparency" in im.info else "L"))
+    if mode in _INDEXED:
+        return to_grayscale(_levels(im))
     if mode in _WIDE:
         return np.clip(np.asarray(im).astype(np.float32), 0.0, 65535.0) / np.float32(257.0)
     if mode == "F":
@@ -177,6 +207,25 @@ def to_grayscale(im: Image.Image) -> np.ndarray:
         la = np.asarray((im if mode == "LA" else im.convert("RGBA")).convert("LA"), dtype=np.float32)  # [H, W, 2]
         return composite_alpha(la[..., 0], la[..., 1] / np.float32(255.0))
     return np.asarray(im.convert("L"))
+
+
+def read_gray(fp: BinaryIO, name: str) -> np.ndarray:
+    """Open, decode and shrink an image, and return its gray levels (`to_grayscale`).
+
+    Pillow's DecompressionBombWarning is an error here only, not in the rest of the process.
+
+    Raises:
+        ImageError: the input is not an image, too large, corrupt, or of a mode with no gray.
+    """
+    with warnings.catch_warnings():
+        # Pillow warns (and errs at twice the size) past its own limit: here that refuses the file.
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        im = decode(open_image(fp, name), name)
+    try:
+        return to_grayscale(shrink(im))
+    except Exception as exc:  # noqa: BLE001 - e.g. ValueError: conversion from LAB to RGB not supported
+        reason = "unsupported image mode" if isinstance(exc, ValueError) else "cannot convert to gray, image mode"
+        raise ImageError(name, f"{reason} {im.mode} ({one_line(exc)})") from None
 
 
 def load_digit(source: str | bytes, name: str) -> np.ndarray:
@@ -193,8 +242,10 @@ def load_digit(source: str | bytes, name: str) -> np.ndarray:
         ImageError: the input cannot be used; its message names it.
     """
     with open_source(source, name) as fp:
-        gray = to_grayscale(decode(open_image(fp, name), name))
+        gray = read_gray(fp, name)  # the decoded image is freed on return: only the reduced gray stays
     try:
         return preprocess(gray)
     except BlankImageError as exc:
         raise ImageError(name, str(exc)) from None
+    except Exception as exc:  # noqa: BLE001 - an image nobody foresaw must not stop the others
+        raise ImageError(name, f"cannot preprocess the image ({one_line(exc)})") from None

@@ -1,11 +1,15 @@
-"""How predictions are written: tab-separated lines, or JSON Lines."""
+"""How predictions and errors are written: tab-separated lines, JSON Lines, one-line reasons."""
 
 from __future__ import annotations
 
 import json
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
-from bnpipe.serve.predict import Prediction
+if TYPE_CHECKING:  # predict imports this module: a run-time import would be circular
+    from bnpipe.serve.predict import Prediction
+
+
 
 
 def text_lines(predictions: Iterable[Prediction]) -> tuple[list[str], list[str]]:

@@ -1,4 +1,5 @@
-"""Batch prediction: expand the inputs, decode them in parallel, one `session.run` per batch.
+"""Batch prediction: decode the inputs in parallel, one `session.run` per batch, and `run`, the
+whole of `bnpipe predict` (streams, ordering, exit status) as a function the tests call.
 
 Every input yields exactly one `Prediction`, in input order: a label and its probability, or
 the reason it could not be read. A bad image never stops the others.
@@ -8,26 +9,20 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, BinaryIO, TextIO
 
 import numpy as np
 
+from bnpipe.errors import BnpipeError
 from bnpipe.serve.image import ImageError, load_digit
-from bnpipe.serve.runtime import Model
+from bnpipe.serve.inputs import STDIN, Item, expand_inputs
+from bnpipe.serve.output import json_line, text_lines
+from bnpipe.serve.runtime import Model, usable_cpus
 
-STDIN = "-"
 PARALLEL_MIN = 512  # below this many images a worker pool costs more than it saves
-
-
-@dataclass
-class Item:
-    """One input: ``name`` as the user will see it, ``source`` a path or the bytes read from stdin."""
-
-    name: str
-    source: str | bytes
-    error: str | None = None  # set when the input is known bad before decoding (a missing path)
 
 
 @dataclass
@@ -39,46 +34,6 @@ class Prediction:
     probability: float | None = None
     top_k: list[tuple[str, float]] = field(default_factory=list)
     error: str | None = None
-
-
-def walk_images(directory: str) -> list[str]:
-    """Return the files under ``directory``, recursively, sorted by path components.
-
-    Every file counts except hidden ones (``.DS_Store``, editor swap files): one that is not an
-    image is reported as such rather than silently skipped.
-    """
-    found: list[str] = []
-    for root, dirs, files in os.walk(directory):
-        dirs[:] = [d for d in dirs if not d.startswith(".")]
-        found.extend(os.path.join(root, f) for f in files if not f.startswith("."))
-    return sorted(found, key=lambda p: p.split(os.sep))
-
-
-def expand_inputs(paths: Sequence[str], stdin: bytes | None = None) -> list[Item]:
-    """Turn the command line's PATHs into items: files, directory contents, stdin.
-
-    Args:
-        paths: Each an image file, a directory, or ``-``.
-        stdin: The bytes of standard input, when ``-`` is among ``paths``.
-
-    Returns:
-        One item per image, in order; a missing path or an empty directory is an item with
-        ``error`` set, so that it is reported in its place.
-    """
-    items: list[Item] = []
-    for path in paths:
-        if path == STDIN:
-            items.append(Item(STDIN, stdin if stdin is not None else b""))
-        elif os.path.isdir(path):
-            files = walk_images(path)
-            items.extend(Item(f, f) for f in files)
-            if not files:
-                items.append(Item(path, path, error="directory holds no files"))
-        elif not os.path.exists(path):
-            items.append(Item(path, path, error="no such file or directory"))
-        else:
-            items.append(Item(path, path))
-    return items
 
 
 def decode_batch(items: Sequence[Item]) -> tuple[np.ndarray, dict[int, str]]:
@@ -126,9 +81,7 @@ def batches(items: Sequence[Item], size: int) -> list[Sequence[Item]]:
 
 def default_workers(n_items: int) -> int:
     """Decode processes for ``n_items`` images: one per usable CPU, none for small jobs."""
-    if n_items < PARALLEL_MIN:
-        return 0
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return 0 if n_items < PARALLEL_MIN else usable_cpus()
 
 
 @contextlib.contextmanager
@@ -192,3 +145,80 @@ def predict(model: Model, decoded: Iterable[tuple[Sequence[Item], np.ndarray, di
                 top = next(good)
                 out.append(Prediction(item.name, top[0][0], top[0][1], top))
         yield out
+
+
+def _discard(stream: TextIO) -> None:
+    """Point ``stream``'s file descriptor at /dev/null, so that Python's flush at exit cannot fail again."""
+    try:
+        fd = stream.fileno()
+    except (OSError, ValueError):  # io.UnsupportedOperation (an in-memory stream) is both
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, fd)
+    os.close(devnull)
+
+
+def _emit(out: list[str], err: list[str], stdout: TextIO, stderr: TextIO) -> None:
+    """Write one batch's lines: results to ``stdout``, flushed so that they precede its errors on ``stderr``.
+
+    Raises:
+        BrokenPipeError: the reader of ``stdout`` went away.
+        BnpipeError: ``stdout`` cannot be written (a full disk, /dev/full).
+    """
+    try:
+        if out:
+            stdout.write("\n".join(out) + "\n")
+        stdout.flush()
+    except BrokenPipeError:
+        raise
+    except OSError as exc:
+        _discard(stdout)
+        raise BnpipeError(f"cannot write output: {exc.strerror or exc}") from None
+    if err:
+        stderr.write("\n".join(err) + "\n")
+
+
+def run(paths: Sequence[str], model_path: str, device: str = "auto", batch_size: int = 256, as_json: bool = False,
+        top_k: int = 3, workers: int | None = None, verbose: bool = False, stdin: BinaryIO | None = None,
+        stdout: TextIO | None = None, stderr: TextIO | None = None) -> int:
+    """Label every input and write one line for each, in input order: all of `bnpipe predict`.
+
+    Args:
+        paths: Image files, directories (taken recursively), or ``-`` for one image on stdin.
+        model_path: The ONNX model written by `bnpipe export`.
+        device: ``auto``, ``cuda`` or ``cpu``.
+        batch_size: Images per onnxruntime run.
+        as_json: Write JSON Lines (failures included) instead of tab-separated text.
+        top_k: How many labels each JSON line's ``top_k`` lists.
+        workers: Decode processes; None picks `default_workers`.
+        verbose: Say on ``stderr`` which execution provider runs.
+        stdin, stdout, stderr: The streams; None takes the process's (sys.stdin.buffer...).
+
+    Returns:
+        The exit status: 0 when every input was labelled, 1 when any failed or the reader of
+        ``stdout`` went away (then the rest is dropped quietly, as `| head` expects).
+
+    Raises:
+        BnpipeError: the model is unusable, the device cannot be had, or ``stdout`` cannot be written.
+    """
+    stdout = sys.stdout if stdout is None else stdout
+    stderr = sys.stderr if stderr is None else stderr
+    data = (sys.stdin.buffer if stdin is None else stdin).read() if STDIN in paths else None
+    items = expand_inputs(paths, data)
+    failed = 0
+    try:
+        with decoding_pool(len(items), workers) as pool:
+            decoded = decode_batches(items, batch_size, pool)  # workers start now, while the model loads
+            # With decode processes busy on the other cores, one inference thread avoids oversubscribing.
+            model = Model.load(model_path, device, verbose, threads=1 if pool is not None else None)
+            if verbose:
+                stderr.write(f"bnpipe: {model_path} runs on {model.provider}\n")
+            # The text form shows only the top label: ranking more would be wasted work.
+            for batch in predict(model, decoded, top_k if as_json else 1):
+                failed += sum(p.error is not None for p in batch)
+                out, err = ([json_line(p) for p in batch], []) if as_json else text_lines(batch)
+                _emit(out, err, stdout, stderr)
+    except BrokenPipeError:  # the reader went away (`| head`): stop quietly
+        _discard(stdout)
+        return 1
+    return 1 if failed else 0

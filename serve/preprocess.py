@@ -104,10 +104,15 @@ def preprocess(gray: np.ndarray) -> np.ndarray:
     return mnist_normalize(gray)
 
 
+def work_factor(width: int, height: int) -> int:
+    """Return the integer box-reduction factor that brings the longer side to at most WORK_SIZE (1: none)."""
+    return max(1, -(-max(width, height) // WORK_SIZE))  # ceil
+
+
 def reduce_to_work_size(gray: np.ndarray) -> np.ndarray:
-    """Box-reduce ``gray`` ([H, W]) by an integer factor so its longer side is at most WORK_SIZE."""
-    factor = -(-max(gray.shape) // WORK_SIZE)  # ceil
-    if factor <= 1:
+    """Box-reduce ``gray`` ([H, W]) by `work_factor` so its longer side is at most WORK_SIZE."""
+    factor = work_factor(gray.shape[1], gray.shape[0])
+    if factor == 1:
         return gray.astype(np.float32)
     return np.asarray(Image.fromarray(gray.astype(np.float32), mode="F").reduce(factor))
 

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from bnpipe.contract import INPUT_NAME, OUTPUT_NAME, input_layout
-from bnpipe.errors import BnpipeError
+from bnpipe.errors import BnpipeError, one_line
 
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
@@ -116,9 +116,14 @@ def check_contract(model: str, inputs: Sequence[tuple[str, str, list[Any]]],
     return labels
 
 
+def usable_cpus() -> int:
+    """Return how many CPUs this process may run on (its affinity mask where the OS has one)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def intra_op_threads() -> int:
     """Threads for one session: the CPUs this process may use (a small net gains nothing past 4)."""
-    return max(1, min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
+    return max(1, min(4, usable_cpus()))
 
 
 @dataclass
@@ -168,8 +173,7 @@ class Model:
             session = ort.InferenceSession(path, sess_options=options, providers=providers,
                                            provider_options=provider_options)
         except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own Fail/InvalidGraph types
-            first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise BnpipeError(f"{path}: not a usable ONNX model ({first_line})") from None
+            raise BnpipeError(f"{path}: not a usable ONNX model ({one_line(exc)})") from None
         provider = provider_that_ran(device, session.get_providers())
         metadata = dict(session.get_modelmeta().custom_metadata_map)
         labels = check_contract(path, [(a.name, a.type, a.shape) for a in session.get_inputs()],

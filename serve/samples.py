@@ -29,6 +29,8 @@ def read_idx(path: str | os.PathLike[str]) -> np.ndarray:
     if len(data) < 4 or data[:2] != b"\0\0" or data[2] != _DTYPE_CODE:
         raise BnpipeError(f"{path}: not an unsigned-byte IDX file")
     ndim = data[3]
+    if len(data) < 4 + 4 * ndim:
+        raise BnpipeError(f"{path}: truncated IDX header ({len(data)} bytes; {ndim} dimensions need {4 + 4 * ndim})")
     shape = tuple(int(d) for d in np.frombuffer(data, dtype=">u4", count=ndim, offset=4))
     payload = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
     if payload.size != int(np.prod(shape)):

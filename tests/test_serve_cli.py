@@ -147,21 +147,23 @@ def test_console_script_subprocess(files: dict[str, Path]) -> None:
     assert usage.returncode == 2
 
 
-def test_bomb_between_limits_is_an_error_in_a_real_process(files: dict[str, Path]) -> None:
-    """In a plain process the module's filter turns Pillow's DecompressionBombWarning into an error."""
+def test_serve_leaves_pillow_and_warnings_alone_in_a_real_process(files: dict[str, Path]) -> None:
+    """Importing serve and reading images changes neither Pillow's limit nor the warning filters,
+    and a file past Pillow's warning limit is still refused with one line and no warning."""
     code = (
-        "import warnings\n"
+        "import io, warnings\n"
+        "import numpy\n"  # numpy adds filters of its own at import
         "from PIL import Image\n"
-        "from bnpipe.serve import image\n"
+        "before = (Image.MAX_IMAGE_PIXELS, list(warnings.filters))\n"
+        "from bnpipe.serve import image, predict\n"
         "from tests.test_serve_support import bmp_bytes_with_size\n"
-        "try:\n    Image.open(__import__('io').BytesIO(bmp_bytes_with_size(8000, 7000)))\n"
-        "except Image.DecompressionBombWarning:\n    print('raised')\n"
-        "try:\n    image.load_digit(bmp_bytes_with_size(8000, 7000), '-')\n"
+        "try:\n    image.load_digit(bmp_bytes_with_size(10000, 10000), '-')\n"
         "except image.ImageError as e:\n    print(e)\n"
+        "print(before == (Image.MAX_IMAGE_PIXELS, list(warnings.filters)))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(__file__).parents[1])
-    assert out.stdout.splitlines()[0] == "raised" and out.stderr == ""
-    assert out.stdout.splitlines()[1].startswith("-: image too large, refused before decoding (Image size (56000000")
+    assert out.stderr == "" and out.stdout.splitlines()[1] == "True"
+    assert out.stdout.splitlines()[0].startswith("-: image too large, refused before decoding (Image size (100000000")
 
 
 def test_predict_never_imports_torch_or_onnx(files: dict[str, Path]) -> None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import tracemalloc
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -10,8 +12,8 @@ import pytest
 from PIL import Image
 
 from bnpipe.serve import image as serve_image
-from bnpipe.serve.image import ImageError, declared_size, load_digit, to_grayscale
-from bnpipe.serve.preprocess import mnist_normalize
+from bnpipe.serve.image import ImageError, declared_size, load_digit, shrink, to_grayscale
+from bnpipe.serve.preprocess import mnist_normalize, preprocess
 from tests.test_serve_preprocess import close
 from tests.test_serve_support import bmp_bytes_with_size, png_bytes_with_size, stroke_digit, write_bad_inputs
 
@@ -142,19 +144,81 @@ def test_blank_image_is_an_error(tmp_path: Path) -> None:
         load_digit(path, path)
 
 
-@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
 def test_bomb_refused_without_decoding(monkeypatch: pytest.MonkeyPatch) -> None:
-    # pytest resets the warning filters that bnpipe.serve.image installs, so here the header
-    # check alone must refuse it (test_serve_cli checks the real process, filter included).
+    # The PNG fast path skips Image.open and its check: the header check alone must refuse it.
     # Decoding must never start (load() would need gigabytes here).
     monkeypatch.setattr(Image.Image, "load", lambda self: pytest.fail("decoded a bomb"))
-    data = png_bytes_with_size(60_000, 60_000)  # 3.6e9 px: past 2x the limit
     with pytest.raises(ImageError, match="too large"):
-        load_digit(data, "-")
-    data = png_bytes_with_size(8_000, 7_000)  # 5.6e7 px: past the limit, under 2x it
-    assert serve_image.MAX_PIXELS < 8_000 * 7_000 < 2 * serve_image.MAX_PIXELS
+        load_digit(png_bytes_with_size(60_000, 60_000), "-")  # 3.6e9 px
+    limit = serve_image.MAX_PIXELS
+    with pytest.raises(ImageError, match=f"too large, refused before decoding .* pixels > {limit}"):
+        load_digit(png_bytes_with_size(limit // 5000 + 1, 5000), "-")  # just past the limit
     with pytest.raises(ImageError, match="too large"):
-        load_digit(data, "-")
+        load_digit(bmp_bytes_with_size(limit // 5000 + 1, 5000), "-")  # the same through Image.open
+
+
+def test_pillow_bomb_warning_is_an_error_only_while_reading(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past Pillow's own limit its warning refuses the file, whatever the process's filters say."""
+    monkeypatch.setattr(Image.Image, "load", lambda self: pytest.fail("decoded a bomb"))
+    data = bmp_bytes_with_size(10_000, 10_000)  # 1e8 px: past Pillow's warning limit, under its error limit
+    assert Image.MAX_IMAGE_PIXELS < 10_000 * 10_000 < 2 * Image.MAX_IMAGE_PIXELS
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")  # a process that shows every warning
+        with pytest.raises(ImageError, match="too large.*decompression bomb"):
+            load_digit(data, "-")
+        assert caught == []  # refused with one line: no warning printed besides it
+        Image.open(io.BytesIO(data))  # outside load_digit, Pillow behaves as it always does
+    assert [w.category for w in caught] == [Image.DecompressionBombWarning]
+
+
+def test_unconvertible_mode_is_an_image_error(tmp_path: Path) -> None:
+    path = save(tmp_path, Image.new("RGB", (40, 40)).convert("LAB"), "lab.tif")
+    assert Image.open(path).mode == "LAB"
+    with pytest.raises(ImageError) as info:
+        load_digit(path, path)
+    assert info.value.reason.startswith("unsupported image mode LAB (")
+    assert "\n" not in str(info.value)
+
+
+def test_big_image_is_reduced_before_any_float_copy(digit: np.ndarray) -> None:
+    """A 16-megapixel RGBA image: numpy never holds a full-size float32 channel (64 MB).
+
+    tracemalloc sees numpy's buffers (not Pillow's): float32 copies at full size would peak at
+    several times 64 MB; reduced to the working size first, they stay a few MB each.
+    """
+    ink = np.kron(digit, np.ones((143, 143), np.uint8))  # [4004, 4004]: strokes on a transparent canvas
+    rgba = np.zeros((*ink.shape, 4), np.uint8)
+    rgba[..., 3] = ink
+    buf = io.BytesIO()
+    Image.fromarray(rgba, "RGBA").save(buf, format="PNG", compress_level=1)
+    del ink, rgba
+    tracemalloc.start()
+    try:
+        out = load_digit(buf.getvalue(), "-")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 4004 * 4004 * 4, f"{peak / 1e6:.0f} MB"
+    assert_same_digit(out, digit)
+
+
+@pytest.mark.parametrize("mode", ["RGB", "LA", "I;16", "P", "1", "F"])
+def test_shrink_keeps_the_digit_in_every_mode(digit: np.ndarray, paper: np.ndarray, mode: str) -> None:
+    big = np.kron(paper, np.ones((10, 10), np.uint8))  # [1120, 1120]: reduced by 2
+    if mode == "I;16":
+        im = Image.fromarray(big.astype(np.uint16) * 257)
+    elif mode == "LA":
+        im = Image.fromarray(np.stack([np.zeros_like(big), 255 - big], axis=-1), "LA")  # ink as alpha
+    elif mode == "P":
+        im = Image.fromarray((big < 128).astype(np.uint8), "P")
+        im.putpalette([0, 0, 0] * 256)
+        im.info["transparency"] = 0
+    else:
+        im = Image.fromarray(big).convert(mode)
+    small = shrink(im)
+    assert small.size == (560, 560)
+    assert_same_digit(preprocess(to_grayscale(small)), digit, mad=8.0 if mode in ("P", "1") else 4.0)
+    assert shrink(small) is small  # within the working size: untouched
 
 
 def test_bomb_through_image_open(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -11,17 +12,9 @@ import pytest
 from PIL import Image
 
 from bnpipe.serve.image import load_digit
-from bnpipe.serve.predict import (
-    decode_batch,
-    decode_batches,
-    decoding_pool,
-    default_workers,
-    expand_inputs,
-    predict,
-    rank,
-    softmax,
-)
-from bnpipe.serve.runtime import Model
+from bnpipe.serve.inputs import expand_inputs
+from bnpipe.serve.predict import decode_batch, decode_batches, decoding_pool, default_workers, predict, rank, softmax
+from bnpipe.serve.runtime import Model, intra_op_threads, usable_cpus
 from tests.test_serve_support import build_model, linear_reference, write_bad_inputs
 
 BNPIPE = str(Path(sys.executable).parent / "bnpipe")  # the venv's console script
@@ -126,7 +119,8 @@ def test_no_pool_for_small_jobs() -> None:
 
 def test_default_workers() -> None:
     assert default_workers(10) == 0  # a pool would cost more than it saves
-    assert default_workers(10_000) >= 1
+    assert default_workers(10_000) == usable_cpus() == len(os.sched_getaffinity(0)) >= 1
+    assert intra_op_threads() == min(4, usable_cpus())
 
 
 def test_decode_batch_stacks_good_and_keeps_errors(tmp_path: Path) -> None:

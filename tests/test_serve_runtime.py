@@ -105,6 +105,46 @@ def test_finds_cuda13_wheel_layout(tmp_path: Path) -> None:
                      "libcudnn_ops.so.9"]  # not cufftw, not cusolver: the provider needs neither
 
 
+def plant_library(directory: Path) -> Path:
+    """Put ``nvidia/evil/lib/libcudart.so.99`` under ``directory``, as an attacker would."""
+    lib = directory / "nvidia" / "evil" / "lib" / "libcudart.so.99"
+    lib.parent.mkdir(parents=True)
+    lib.write_bytes(b"")
+    return lib
+
+
+def test_never_searches_the_working_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    plant_library(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", ["", ".", "nvidia/..", *sys.path])  # what `python -m` and -c put first
+    assert not any(d.startswith(str(tmp_path)) or not os.path.isabs(d) for d in cuda.nvidia_library_dirs())
+    assert cuda.nvidia_library_dirs(["", "."]) == []
+    assert cuda.candidate_libraries(cuda.nvidia_library_dirs()) == cuda.candidate_libraries(
+        cuda.nvidia_library_dirs(cuda.site_package_dirs()))
+
+
+def test_site_package_dirs_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import site
+
+    extra = tmp_path / "target" / "dist-packages"  # a PYTHONPATH entry pip installed into
+    extra.mkdir(parents=True)
+    plant_library(tmp_path / "src")  # a sys.path entry that is not a site-packages directory
+    monkeypatch.setattr(sys, "path", [str(tmp_path / "src"), *sys.path, str(extra), "site-packages"])
+    dirs = cuda.site_package_dirs()
+    assert str(extra.resolve()) in dirs and not any(d.startswith(str(tmp_path / "src")) for d in dirs)
+    assert all(os.path.isabs(d) for d in dirs)
+    assert {os.path.realpath(d) for d in site.getsitepackages() if os.path.isdir(d)} <= set(dirs)
+
+
+def test_planted_library_in_the_working_directory_is_not_loaded(tmp_path: Path) -> None:
+    """A real process started in a directory holding ``nvidia/*/lib`` (sys.path[0] is '' under -c)."""
+    plant_library(tmp_path)
+    code = ("import sys; from bnpipe.serve import cuda\n"
+            "print(sys.path[0] == '', cuda.candidate_libraries(cuda.nvidia_library_dirs()))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=tmp_path).stdout
+    assert out.startswith("True [") and "libcudart.so." in out and "evil" not in out
+
+
 def test_preloads_the_installed_cuda_libraries() -> None:
     """The venv's real nvidia-* wheels load (no GPU needed to load them), in a fresh process."""
     code = ("from bnpipe.serve import cuda; import os\n"
