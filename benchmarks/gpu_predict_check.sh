@@ -16,12 +16,14 @@ nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 python3 -c "import onnxruntime as o; print('onnxruntime', o.__version__, o.get_device(), o.get_available_providers())"
 python3 -m bnpipe samples --data /tmp/data -n 10000 --out /tmp/png > /dev/null
 echo "== -v --device cuda, then auto"
-python3 -m bnpipe predict -v --device cuda "$repo/models/samples" 2>&1 | head -2
-python3 -m bnpipe predict -v "$repo/models/samples" 2>&1 >/dev/null | head -1
+python3 -m bnpipe predict -v --model "$repo/models/bn_convnet.onnx" --device cuda "$repo/models/samples" 2>&1 | head -2
+python3 -m bnpipe predict -v --model "$repo/models/bn_convnet.onnx" "$repo/models/samples" 2>&1 >/dev/null | head -1
 echo "== 10,000 PNGs: cuda vs cpu (wall time, 16 cores)"
 for d in cuda cpu; do
   TIMEFORMAT="$d: %R s wall"
-  time python3 -m bnpipe predict --model "$repo/models/bn_convnet.onnx" --device $d --json --top-k 10 /tmp/png > /tmp/$d.jsonl
+  time python3 -m bnpipe predict -v --model "$repo/models/bn_convnet.onnx" --device $d --json --top-k 10 /tmp/png > /tmp/$d.jsonl
+  TIMEFORMAT="one image, $d: %R s wall"
+  time python3 -m bnpipe predict --model "$repo/models/bn_convnet.onnx" --device $d "$repo/models/samples/00000_7.png" > /dev/null
 done
 python3 - <<'PY'
 import json
@@ -35,7 +37,7 @@ PY
 echo "== torch imported by a CUDA prediction?"
 python3 -c "
 import sys
-sys.argv = ['bnpipe', 'predict', '--device', 'cuda', '$repo/models/samples/00000_7.png']
+sys.argv = ['bnpipe', 'predict', '--model', '$repo/models/bn_convnet.onnx', '--device', 'cuda', '$repo/models/samples/00000_7.png']
 from bnpipe.cli import main
 try:
     main()
