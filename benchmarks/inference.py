@@ -48,6 +48,7 @@ def ort_runner(path: Path, optimize: bool) -> Callable[[np.ndarray], np.ndarray]
                                         else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
     if optimize:  # keep what ORT's optimizer made of the graph, to compare the two models
         options.optimized_model_filepath = str(path.with_suffix(".ort-optimized.onnx"))
+        options.log_severity_level = 3  # ORT warns that such a file is machine-specific; it is only read here
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     return lambda pixels: session.run([OUTPUT_NAME], {INPUT_NAME: pixels})[0]
 
