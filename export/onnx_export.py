@@ -93,7 +93,7 @@ def build_metadata(ckpt: dict[str, Any], checkpoint: str | os.PathLike[str], bn_
         "input_layout": json.dumps(input_layout(int(ckpt["arch"]["in_channels"]), int(ckpt["arch"]["image_size"]))),
         "bn_folded": "true" if bn_folded else "false",
         "source_checkpoint_sha256": file_sha256(checkpoint),
-        "checkpoint_test_acc": f"{metrics[-1]['test_acc']:.6f}" if metrics else "",
+        "checkpoint_test_acc": f"{metrics[-1]['test_acc']:.6f}",
         "architecture": json.dumps(ckpt["arch"]),
     }
 
