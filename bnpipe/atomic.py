@@ -49,6 +49,26 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
         raise
 
 
+def check_writable(path: str | os.PathLike[str]) -> None:
+    """Fail early, before any long work, when ``path`` could not be written atomically later.
+
+    Raises:
+        BnpipeError: The name is empty or names a folder, or its folder cannot be made or written.
+    """
+    final = Path(path)
+    if not final.name or final.is_dir():
+        raise BnpipeError(f"{str(path)!r}: not a file name")
+    try:
+        with atomic_path(final):
+            raise _Probe  # leave the target untouched: the temporary file is made, then removed
+    except _Probe:
+        pass
+
+
+class _Probe(Exception):
+    """Aborts the trial write of `check_writable`."""
+
+
 def write_bytes_atomic(path: str | os.PathLike[str], data: bytes) -> None:
     """Write ``data`` to ``path`` atomically."""
     with atomic_path(path) as tmp:

@@ -30,6 +30,8 @@ def export(checkpoint: str, out: str, fold_bn: bool, strict: bool, tolerance: fl
     The written model is run in onnxruntime on MNIST test images (or random pixels) and compared
     with PyTorch eval of the unfolded checkpoint; over --tolerance, the export fails and leaves no file.
     """
+    if strict and not fold_bn:
+        raise click.UsageError("--strict only applies with --fold-bn")
     from bnpipe.export.pipeline import export_checkpoint
     from bnpipe.train.data import resolve_data_root
 

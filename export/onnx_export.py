@@ -57,11 +57,14 @@ def to_onnx(module: nn.Module, example: torch.Tensor, opset: int = DEFAULT_OPSET
 
     with warnings.catch_warnings(), torch.inference_mode(False):
         warnings.simplefilter("ignore")  # the exporter warns about internals the user cannot act on
-        program = torch.onnx.export(
-            module.eval(), (example,), dynamo=True, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-            dynamic_shapes=({0: torch.export.Dim("batch")},), opset_version=opset, optimize=False,
-            verbose=False, report=False,
-        )
+        try:
+            program = torch.onnx.export(
+                module.eval(), (example,), dynamo=True, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                dynamic_shapes=({0: torch.export.Dim("batch")},), opset_version=opset, optimize=False,
+                verbose=False, report=False,
+            )
+        except Exception as exc:  # noqa: BLE001 - torch.export and onnxscript raise many types
+            raise BnpipeError(f"the ONNX exporter failed: {one_line(exc, 200)}") from None
     model = program.model
     onnxscript.optimizer.fold_constants(model)
     onnxscript.optimizer.remove_unused_nodes(model)

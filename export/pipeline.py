@@ -11,7 +11,7 @@ from pathlib import Path
 import onnx
 import torch
 
-from bnpipe.atomic import atomic_path
+from bnpipe.atomic import atomic_path, check_writable
 from bnpipe.errors import BnpipeError, one_line
 from bnpipe.export.fold import fold_batchnorms
 from bnpipe.export.onnx_export import (
@@ -85,6 +85,9 @@ def export_checkpoint(
         BnpipeError: Bad checkpoint, refused folding, or a verification failure.
     """
     t0 = time.perf_counter()
+    if Path(out).resolve() == Path(checkpoint).resolve():
+        raise BnpipeError(f"--out {out}: would overwrite the checkpoint it exports")
+    check_writable(out)  # before the exports, not after
     ckpt, net = load_net(checkpoint)
     norm = Normalization.from_dict(ckpt["preprocessing"])
     size = int(ckpt["arch"]["image_size"])

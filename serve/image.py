@@ -102,9 +102,9 @@ def open_image(fp: BinaryIO, name: str) -> Image.Image:
     except Image.UnidentifiedImageError:
         raise ImageError(name, _reason_for_unidentified(fp)) from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ImageError(name, f"image too large, refused before decoding ({exc})") from None
+        raise ImageError(name, f"image too large, refused before decoding ({one_line(exc)})") from None
     except Exception as exc:  # noqa: BLE001 - any decoder failure on untrusted bytes is a bad input
-        raise ImageError(name, f"unreadable image header ({exc})") from None
+        raise ImageError(name, f"unreadable image header ({one_line(exc)})") from None
     w, h = im.size
     if w <= 0 or h <= 0:
         raise ImageError(name, f"image has zero size ({w}x{h})")
@@ -150,7 +150,7 @@ def decode(im: Image.Image, name: str) -> Image.Image:
             ImageOps.exif_transpose(im, in_place=True)
     except Exception as exc:  # noqa: BLE001 - Pillow raises OSError, SyntaxError, ValueError...
         kind = "truncated image" if "truncated" in str(exc) or isinstance(exc, EOFError) else "corrupt image data"
-        raise ImageError(name, f"{kind} ({exc})") from None
+        raise ImageError(name, f"{kind} ({one_line(exc)})") from None
     return im
 
 

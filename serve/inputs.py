@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import stat
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -18,17 +19,43 @@ class Item:
     error: str | None = None  # set when the input is known bad before decoding (a missing path)
 
 
-def walk_images(directory: str) -> list[str]:
-    """Return the files under ``directory``, recursively, sorted by path components.
+def _not_regular(path: str) -> str | None:
+    """Why ``path`` (links followed) is no file to decode, or None for a regular file."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as exc:  # a broken link, or a race with a deletion
+        return f"cannot read ({exc.strerror})"
+    # A FIFO or a device would block or never end: report it in its place instead.
+    return None if stat.S_ISREG(mode) else "not a regular file"
 
-    Every file counts except hidden ones (``.DS_Store``, editor swap files): one that is not an
-    image is reported as such rather than silently skipped.
+
+def walk_images(directory: str) -> list[Item]:
+    """Return an item for each entry under ``directory``, recursively, sorted by path components.
+
+    Hidden entries (``.DS_Store``, editor swap files) are skipped; everything else appears: a
+    file that is not an image fails at decoding, and a FIFO, a device, a broken link or an
+    unreadable folder is an item with ``error`` set. Linked folders are followed, once each.
     """
-    found: list[str] = []
-    for root, dirs, files in os.walk(directory):
+    found: list[Item] = []
+    seen: set[str] = set()
+
+    def unreadable(err: OSError) -> None:
+        name = str(err.filename)
+        found.append(Item(name, name, error=f"cannot read folder ({err.strerror})"))
+
+    for root, dirs, files in os.walk(directory, onerror=unreadable, followlinks=True):
+        real = os.path.realpath(root)
+        if real in seen:  # a link back into the tree: walking it again would never end
+            found.append(Item(root, root, error="folder already walked through another link"))
+            dirs[:] = []
+            continue
+        seen.add(real)
         dirs[:] = [d for d in dirs if not d.startswith(".")]
-        found.extend(os.path.join(root, f) for f in files if not f.startswith("."))
-    return sorted(found, key=lambda p: p.split(os.sep))
+        for name in files:
+            if not name.startswith("."):
+                path = os.path.join(root, name)
+                found.append(Item(path, path, error=_not_regular(path)))
+    return sorted(found, key=lambda item: item.name.split(os.sep))
 
 
 def expand_inputs(paths: Sequence[str], stdin: bytes | None = None) -> list[Item]:
@@ -47,9 +74,9 @@ def expand_inputs(paths: Sequence[str], stdin: bytes | None = None) -> list[Item
         if path == STDIN:
             items.append(Item(STDIN, stdin if stdin is not None else b""))
         elif os.path.isdir(path):
-            files = walk_images(path)
-            items.extend(Item(f, f) for f in files)
-            if not files:
+            found = walk_images(path)
+            items.extend(found)
+            if not found:
                 items.append(Item(path, path, error="directory holds no files"))
         elif not os.path.exists(path):
             items.append(Item(path, path, error="no such file or directory"))

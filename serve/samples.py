@@ -58,6 +58,8 @@ def write_samples(root: str | os.PathLike[str], out_dir: str | os.PathLike[str],
 
     raw = Path(root) / "MNIST" / "raw"
     images, labels = read_idx(raw / "t10k-images-idx3-ubyte"), read_idx(raw / "t10k-labels-idx1-ubyte")
+    if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
+        raise BnpipeError(f"MNIST test files in {raw} do not match: images {images.shape}, labels {labels.shape}")
     n = len(images) if count is None else min(count, len(images))
     paths = []
     for i in range(n):

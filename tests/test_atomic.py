@@ -27,3 +27,18 @@ def test_unwritable_place_is_one_line(tmp_path: Path) -> None:
     blocker.write_text("x")
     with pytest.raises(BnpipeError, match=r"file/a.txt: cannot write"):
         write_text_atomic(blocker / "a.txt", "data")  # a file where a folder should be
+
+
+def test_check_writable_fails_early_and_touches_nothing(tmp_path: Path) -> None:
+    from bnpipe.atomic import check_writable
+
+    check_writable(tmp_path / "new" / "m.pt")
+    assert [p.name for p in (tmp_path / "new").iterdir()] == []
+    with pytest.raises(BnpipeError, match="not a file name"):
+        check_writable("")
+    with pytest.raises(BnpipeError, match="not a file name"):
+        check_writable(tmp_path)
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(BnpipeError, match="cannot write"):
+        check_writable(blocker / "m.pt")

@@ -102,6 +102,20 @@ def test_fold_of_a_net_without_bn_is_not_reported_as_folded(tiny_mnist: Path, tm
     assert meta["bn_folded"] == "false"
 
 
+def test_out_may_not_overwrite_the_checkpoint(trained_checkpoint: Path, tmp_path: Path) -> None:
+    copy = tmp_path / "m.pt"
+    copy.write_bytes(trained_checkpoint.read_bytes())
+    result = CliRunner().invoke(cli, ["export", "--checkpoint", str(copy), "--out", str(copy)])
+    assert result.exit_code == 1 and "would overwrite the checkpoint" in result.output
+    assert copy.read_bytes() == trained_checkpoint.read_bytes()
+
+
+def test_strict_without_fold_is_a_usage_error(trained_checkpoint: Path, tmp_path: Path) -> None:
+    result = CliRunner().invoke(cli, ["export", "--checkpoint", str(trained_checkpoint), "--strict",
+                                      "--out", str(tmp_path / "m.onnx")])
+    assert result.exit_code == 2 and "--strict only applies with --fold-bn" in result.output
+
+
 def _bad_checkpoint(kind: str, tmp_path: Path, good: Path) -> Path:
     path = tmp_path / f"{kind}.pt"
     if kind == "corrupt":
@@ -122,6 +136,20 @@ def _bad_checkpoint(kind: str, tmp_path: Path, good: Path) -> Path:
         ckpt = load_checkpoint(good)
         ckpt["preprocessing"] = {"mode": "half"}
         torch.save(ckpt, path)
+    elif kind == "tab_label":
+        ckpt = load_checkpoint(good)
+        ckpt["labels"][3] = "three\tthree"
+        torch.save(ckpt, path)
+    elif kind == "bad_metrics":
+        ckpt = load_checkpoint(good)
+        ckpt["metrics"] = [1]
+        torch.save(ckpt, path)
+    elif kind == "image_size":
+        ckpt = load_checkpoint(good)
+        ckpt["arch"]["image_size"] = 32
+        torch.save(ckpt, path)
+    elif kind == "onnx_file":
+        path.write_bytes(b"\x08\x07\x12\x07pytorch" + bytes(100))
     elif kind == "not_bnpipe":
         torch.save({"model": torch.zeros(3)}, path)
     return path
@@ -129,9 +157,11 @@ def _bad_checkpoint(kind: str, tmp_path: Path, good: Path) -> Path:
 
 @pytest.mark.parametrize(
     ("kind", "needle"),
-    [("missing", "no such file"), ("corrupt", "not a readable checkpoint"), ("other_arch", "resnet18"),
+    [("missing", "no such file"), ("corrupt", "not a readable checkpoint file"), ("other_arch", "resnet18"),
      ("other_weights", "does not fit"), ("missing_weights", "running_var"),
-     ("bad_preprocessing", "field 'preprocessing'"), ("not_bnpipe", "not a bnpipe checkpoint")],
+     ("bad_preprocessing", "field 'preprocessing'"), ("tab_label", "field 'labels'"),
+     ("bad_metrics", "field 'metrics'"), ("image_size", "image_size 32"), ("onnx_file", "not a readable checkpoint file"),
+     ("not_bnpipe", "not a bnpipe checkpoint")],
 )
 def test_bad_checkpoint_is_one_line(trained_checkpoint: Path, tmp_path: Path, kind: str, needle: str) -> None:
     bad = _bad_checkpoint(kind, tmp_path, trained_checkpoint)

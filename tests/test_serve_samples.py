@@ -45,3 +45,12 @@ def test_bad_idx_files_are_one_line_errors(tmp_path: Path, data: bytes, match: s
 def test_missing_idx_file(tmp_path: Path) -> None:
     with pytest.raises(BnpipeError, match="nope: cannot read"):
         read_idx(tmp_path / "nope")
+
+
+def test_images_and_labels_of_different_lengths_are_refused(tmp_path: Path) -> None:
+    from tests.mnist_files import write_idx
+
+    root = write_mnist_raw(tmp_path, n_train=10, n_test=10)
+    write_idx(root / "MNIST" / "raw" / "t10k-labels-idx1-ubyte", np.zeros(4, dtype=np.uint8))
+    with pytest.raises(BnpipeError, match=r"do not match: images \(10, 28, 28\), labels \(4,\)"):
+        write_samples(root, tmp_path / "out")

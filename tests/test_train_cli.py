@@ -110,6 +110,15 @@ def test_out_cannot_collide_with_the_sidecars(tiny_mnist: Path, tmp_path: Path, 
     assert result.exit_code == 1 and "sidecar" in result.output and not out.exists()
 
 
+@pytest.mark.parametrize("out", ["", "/proc/m.pt"])
+def test_unwritable_out_fails_before_training(tiny_mnist: Path, monkeypatch: pytest.MonkeyPatch, out: str) -> None:
+    import bnpipe.train.loop as loop
+
+    monkeypatch.setattr(loop, "load_mnist", lambda *a, **k: pytest.fail("data loaded before --out was checked"))
+    result = _train(["--data", str(tiny_mnist), "--out", out])
+    assert result.exit_code == 1 and result.output.startswith("bnpipe: error: ") and "Traceback" not in result.output
+
+
 def test_non_finite_loss_keeps_last_good_checkpoint(tiny_mnist: Path, tmp_path: Path) -> None:
     out = tmp_path / "m.pt"
     assert _train(["--data", str(tiny_mnist), "--epochs", "1", "--out", str(out)]).exit_code == 0

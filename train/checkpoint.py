@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+import io
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -11,7 +13,7 @@ import torch
 from torch import nn
 
 from bnpipe import __version__
-from bnpipe.atomic import atomic_path
+from bnpipe.atomic import write_bytes_atomic
 from bnpipe.errors import BnpipeError, one_line
 from bnpipe.train.model import build_model
 from bnpipe.train.preprocess import Normalization
@@ -41,8 +43,10 @@ def save_checkpoint(
         "metrics": metrics,
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
     }
-    with atomic_path(path) as tmp:
-        torch.save(payload, tmp)
+    # Serialized in memory first: torch.save reports a full disk as a RuntimeError, not an OSError.
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    write_bytes_atomic(path, buffer.getvalue())
 
 
 def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -58,7 +62,8 @@ def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
         # weights_only: a checkpoint is plain dicts, lists and tensors; never unpickle code.
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - torch raises many types for a bad file
-        raise BnpipeError(f"checkpoint {path}: not a readable checkpoint ({one_line(exc, 200)})") from None
+        # torch's own text for a foreign file suggests an unsafe reload; the type says enough.
+        raise BnpipeError(f"checkpoint {path}: not a readable checkpoint file ({type(exc).__name__})") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise BnpipeError(f"checkpoint {path}: not a bnpipe checkpoint (expected format {FORMAT!r})")
     missing = [k for k in REQUIRED_KEYS if k not in ckpt]
@@ -77,14 +82,19 @@ def _field_problem(ckpt: dict[str, Any]) -> str | None:
         return f"field 'arch' must hold the integers {list(ARCH_INTS)}"
     channels = arch["in_channels"]
     if not isinstance(prep, dict) or not isinstance(prep.get("mode"), str) or not all(
-        isinstance(prep.get(k), list) and len(prep[k]) == channels and all(isinstance(v, float) for v in prep[k])
+        isinstance(prep.get(k), list) and len(prep[k]) == channels
+        and all(isinstance(v, float) and math.isfinite(v) for v in prep[k])
         for k in ("mean", "std")
     ) or not all(v > 0 for v in prep["std"]):
-        return f"field 'preprocessing' must hold a mode and {channels} float means and positive stds"
+        return f"field 'preprocessing' must hold a mode and {channels} finite means and positive stds"
     labels = ckpt["labels"]
-    if not isinstance(labels, list) or len(labels) != arch["num_classes"] or not all(isinstance(x, str) for x in labels):
-        return f"field 'labels' must be {arch['num_classes']} strings"
-    if not isinstance(metrics, list) or not metrics or not isinstance(metrics[-1].get("test_acc"), float):
+    if not isinstance(labels, list) or len(labels) != arch["num_classes"] or not all(
+        isinstance(x, str) and x and not set(x) & {"\t", "\n", "\r"} for x in labels  # predict prints TSV
+    ):
+        return f"field 'labels' must be {arch['num_classes']} non-empty strings without tabs or newlines"
+    if not isinstance(metrics, list) or not metrics or not isinstance(metrics[-1], dict) or not isinstance(
+        metrics[-1].get("test_acc"), float
+    ):
         return "field 'metrics' must list at least one epoch with its test_acc"
     if not isinstance(ckpt["state_dict"], dict) or not all(isinstance(v, torch.Tensor) for v in ckpt["state_dict"].values()):
         return "field 'state_dict' must map names to tensors"

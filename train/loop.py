@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from bnpipe.atomic import write_text_atomic
+from bnpipe.atomic import check_writable, write_text_atomic
 from bnpipe.errors import BnpipeError
 from bnpipe.train.checkpoint import save_checkpoint
 from bnpipe.train.config import SCHEDULES, TrainConfig
@@ -152,6 +152,7 @@ def train(config: TrainConfig, log: Callable[[str], None] = print) -> list[dict[
     if Path(config.out).suffix in (".json", ".png"):
         raise BnpipeError(f"--out {config.out}: the .json sidecar and .png plot go beside the checkpoint; "
                           "give it another suffix, such as .pt")
+    check_writable(config.out)  # before minutes of training, not after
     device = resolve_device(config.device)
     if device.type == "cuda":
         # Same seed, same weights on a GPU too: cuDNN's fastest conv backward kernels add in a

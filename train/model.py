@@ -57,6 +57,8 @@ def build_model(arch: dict[str, Any]) -> BNConvNet:
     """
     if arch.get("name") != ARCH_NAME:
         raise ValueError(f"architecture {arch.get('name')!r} is not {ARCH_NAME!r}")
+    if arch.get("image_size") != 28:  # the classifier expects 16 x 5 x 5 features, from 28 x 28 inputs
+        raise ValueError(f"image_size {arch.get('image_size')!r} is not 28, the only size this net takes")
     if arch.get("bn") not in BN_CHOICES:
         raise ValueError(f"unknown bn kind {arch.get('bn')!r}; expected one of {BN_CHOICES}")
     return BNConvNet(bn=arch["bn"], in_channels=int(arch["in_channels"]), num_classes=int(arch["num_classes"]))
