@@ -24,7 +24,8 @@ from torch.utils.data import DataLoader
 from torchvision.datasets import MNIST
 
 from bnpipe.train.config import TrainConfig
-from bnpipe.train.data import load_mnist, resolve_data_root
+from bnpipe.datadir import resolve_data_root
+from bnpipe.train.data import load_mnist
 from bnpipe.train.loop import evaluate, make_scheduler, train_one_epoch
 from bnpipe.train.model import build_model, default_arch
 from bnpipe.train.preprocess import Normalization

@@ -33,7 +33,7 @@ def export(checkpoint: str, out: str, fold_bn: bool, strict: bool, tolerance: fl
     if strict and not fold_bn:
         raise click.UsageError("--strict only applies with --fold-bn")
     from bnpipe.export.pipeline import export_checkpoint
-    from bnpipe.train.data import resolve_data_root
+    from bnpipe.datadir import resolve_data_root
 
     report = export_checkpoint(checkpoint, out, fold_bn=fold_bn, strict=strict, tolerance=tolerance, opset=opset,
                                data_root=resolve_data_root(data))

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from bnpipe.errors import BnpipeError
-from bnpipe.train.data import load_mnist, resolve_data_root
+from bnpipe.datadir import resolve_data_root
+from bnpipe.train.data import load_mnist
 from tests.mnist_files import synthetic_digits
 
 

@@ -123,20 +123,13 @@ def test_ink_bounds_ignore_a_speck() -> None:
     assert ink_bounds(mass) == (40, 60)
 
 
-def test_composite_dark_strokes_on_transparent_canvas_go_on_white() -> None:
-    gray = np.zeros((10, 10), np.float32)  # black everywhere, even where transparent
+@pytest.mark.parametrize(("stroke", "canvas"), [(0, 255), (255, 0)], ids=["dark-on-white", "light-on-black"])
+def test_composite_strokes_on_transparent_canvas_get_the_opposite_background(stroke: int, canvas: int) -> None:
+    gray = np.full((10, 10), stroke, np.float32)  # the stroke colour everywhere, even where transparent
     alpha = np.zeros((10, 10), np.float32)
     alpha[4:6, 2:8] = 1.0
     out = composite_alpha(gray, alpha)
-    assert out[0, 0] == 255 and out[4, 4] == 0
-
-
-def test_composite_light_strokes_on_transparent_canvas_go_on_black() -> None:
-    gray = np.full((10, 10), 255, np.float32)
-    alpha = np.zeros((10, 10), np.float32)
-    alpha[4:6, 2:8] = 1.0
-    out = composite_alpha(gray, alpha)
-    assert out[0, 0] == 0 and out[4, 4] == 255
+    assert out[0, 0] == canvas and out[4, 4] == stroke
 
 
 def test_composite_transparent_padding_continues_the_canvas() -> None:

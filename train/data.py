@@ -10,7 +10,6 @@ from pathlib import Path
 
 import torch
 
-from bnpipe.datadir import resolve_data_root  # noqa: F401 - re-exported for the stages
 from bnpipe.errors import BnpipeError, one_line
 
 RAW_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")

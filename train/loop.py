@@ -19,7 +19,8 @@ from bnpipe.atomic import check_writable, write_text_atomic
 from bnpipe.errors import BnpipeError
 from bnpipe.train.checkpoint import save_checkpoint
 from bnpipe.train.config import SCHEDULES, TrainConfig
-from bnpipe.train.data import CLASSES, load_mnist, resolve_data_root
+from bnpipe.datadir import resolve_data_root
+from bnpipe.train.data import CLASSES, load_mnist
 from bnpipe.train.model import build_model, default_arch
 from bnpipe.train.preprocess import Normalization
 
