@@ -1,7 +1,7 @@
 """Fold eval-mode BatchNorm layers into the Conv, ConvTranspose or Linear layer that feeds them.
 
-The arithmetic (:func:`fold_bn_params`) is a pure function computed in float64 and rounded once, back
-to the layer's dtype. :func:`fold_batchnorms` finds the foldable pairs in any module's forward graph
+The arithmetic is :func:`bnpipe.export.fold_math.fold_bn_arrays` (float64 numpy, shared with the ONNX
+fold); :func:`fold_bn_params` feeds it tensors and rounds the result once, back to the layer's dtype. :func:`fold_batchnorms` finds the foldable pairs in any module's forward graph
 with ``torch.fx`` and returns a new module; the module it is given is never changed.
 """
 
@@ -11,6 +11,7 @@ import copy
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from torch import Tensor, fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
@@ -18,6 +19,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvTransposeNd
 
 from bnpipe.errors import BnpipeError, one_line
+from bnpipe.export.fold_math import fold_bn_arrays
 
 # Exact types, not isinstance: a subclass may override forward, and then folding could be wrong.
 _FOLDABLE: tuple[type[nn.Module], ...] = (
@@ -63,31 +65,17 @@ def fold_bn_params(
     Raises:
         ValueError: If the BatchNorm's channel count does not match the layer's output channels.
     """
-    f64 = torch.float64
-    out_channels = bn_mean.shape[0]
-    layer_out = weight.shape[1] * groups if transposed else weight.shape[0]
-    if layer_out != out_channels:
-        raise ValueError(f"BatchNorm has {out_channels} channels but the layer outputs {layer_out}")
-    # [C_out]: the per-channel factor, in float64 so the folded values are rounded only once.
-    scale = 1.0 / torch.sqrt(bn_var.to(f64) + bn_eps)
-    if gamma is not None:
-        scale = scale * gamma.to(f64)
-    kernel_ones = [1] * (weight.dim() - 2)
-    w64 = weight.to(f64)
-    if transposed:
-        # [C_in, C_out/g, *k] -> [g, C_in/g, C_out/g, *k]; output channel g*(C_out/g)+j sits at
-        # (group g, column j), so the scale is laid out as [g, 1, C_out/g, 1...].
-        per_group = out_channels // groups
-        grouped = w64.reshape(groups, weight.shape[0] // groups, per_group, *weight.shape[2:])
-        w64 = (grouped * scale.reshape(groups, 1, per_group, *kernel_ones)).reshape(weight.shape)
-    else:
-        w64 = w64 * scale.reshape(out_channels, 1, *kernel_ones)  # [C_out, 1, 1...]
-    b64 = -bn_mean.to(f64) if bias is None else bias.to(f64) - bn_mean.to(f64)
-    b64 = b64 * scale
-    if beta is not None:
-        b64 = b64 + beta.to(f64)
+    def numpy64(t: Tensor | None) -> np.ndarray | None:
+        return None if t is None else t.detach().to(torch.float64).cpu().numpy()
+
+    w64, b64 = fold_bn_arrays(
+        numpy64(weight), numpy64(bias), numpy64(bn_mean), numpy64(bn_var), bn_eps, numpy64(gamma), numpy64(beta),
+        transposed=transposed, groups=groups,
+    )  # fmt: skip
     bias_dtype = weight.dtype if bias is None else bias.dtype
-    return w64.to(weight.dtype), b64.to(bias_dtype)
+    # float64 -> the layer's dtype: the one rounding.
+    return (torch.from_numpy(w64).to(weight.device, weight.dtype),
+            torch.from_numpy(b64).to(weight.device, bias_dtype))
 
 
 @dataclass
@@ -110,26 +98,39 @@ class FoldResult:
 def check_foldable_bn(name: str, bn: _BatchNorm) -> None:
     """Refuse a BatchNorm whose eval-mode statistics cannot be folded.
 
+    A BatchNorm without running statistics is not refused here: it normalizes with each batch's own
+    statistics, so it is left in place (see :func:`_why_not_foldable`), as ``torch.fx``'s own fuse does.
+
     Args:
         name: The BatchNorm's qualified name in the model, used in the message.
         bn: The BatchNorm module.
 
     Raises:
-        BnpipeError: If it is in training mode, has no running statistics, or they are not usable.
+        BnpipeError: If it is in training mode, or its running statistics are not usable.
     """
     if bn.training:
         raise BnpipeError(f"{name}: BatchNorm is in training mode; call model.eval() before folding")
-    if not bn.track_running_stats or bn.running_mean is None or bn.running_var is None:
-        raise BnpipeError(
-            f"{name}: BatchNorm has no running statistics to fold "
-            "(track_running_stats=False or running_mean/running_var is None)"
-        )
+    if not _has_running_stats(bn):
+        return
     if not torch.isfinite(bn.running_var).all():
         raise BnpipeError(f"{name}: BatchNorm running_var has non-finite values")
     if (bn.running_var < 0).any():
         raise BnpipeError(f"{name}: BatchNorm running_var has negative values")
     if not torch.isfinite(bn.running_mean).all():
         raise BnpipeError(f"{name}: BatchNorm running_mean has non-finite values")
+
+
+def _has_running_stats(bn: _BatchNorm) -> bool:
+    return bn.track_running_stats and bn.running_mean is not None and bn.running_var is not None
+
+
+def _bn_input(bn_node: fx.Node) -> object:
+    """The BatchNorm call's input, given by position or as ``input=`` (its name in ``forward``)."""
+    return bn_node.args[0] if bn_node.args else bn_node.kwargs.get("input")
+
+
+# BatchNorm{k}d normalizes axis 1 of a (k + 2)-D input; it must follow a Conv{k}d or ConvTranspose{k}d.
+_BN_DIMS: dict[type[nn.Module], int] = {nn.BatchNorm1d: 1, nn.BatchNorm2d: 2, nn.BatchNorm3d: 3}
 
 
 def _references(graph: fx.Graph, name: str) -> int:
@@ -145,29 +146,41 @@ def _references(graph: fx.Graph, name: str) -> int:
 def _why_not_foldable(gm: fx.GraphModule, bn_node: fx.Node) -> str | None:
     """Return why the BatchNorm at ``bn_node`` cannot be folded into its input, or None if it can.
 
-    A Linear acts on the last axis and BatchNorm on axis 1; they are the same axis only for a
-    2-D [N, C] output, which the shapes recorded by ``ShapeProp`` (``node.meta["tensor_meta"]``) prove.
+    BatchNorm normalizes axis 1. That is a conv's channel axis only when the conv is batched (output rank
+    ``weight.dim()``), and a Linear's feature axis only for a 2-D [N, C] output: the shapes recorded by
+    ``ShapeProp`` (``node.meta["tensor_meta"]``) prove it, and the BatchNorm's kind must match the layer's.
     """
-    src = bn_node.args[0] if bn_node.args else None
+    bn = gm.get_submodule(str(bn_node.target))
+    if not _has_running_stats(bn):
+        return "it has no running statistics (track_running_stats=False): it normalizes with each batch's own"
+    src = _bn_input(bn_node)
     if not isinstance(src, fx.Node) or src.op != "call_module":
         what = f"{src.op} {getattr(src.target, '__name__', src.target)}" if isinstance(src, fx.Node) else src
         return f"its input is not a Conv/ConvTranspose/Linear layer (it is {what})"
     layer_name = str(src.target)
-    if type(gm.get_submodule(layer_name)) not in _FOLDABLE:
+    layer = gm.get_submodule(layer_name)
+    if type(layer) not in _FOLDABLE:
         return f"its input {layer_name} is not a Conv/ConvTranspose/Linear layer"
     if len(src.users) != 1:
         return f"the output of {layer_name} is also used elsewhere; folding would change that use"
     if _references(gm.graph, layer_name) != 1:
         return f"{layer_name} is used more than once; folding would change its other uses"
-    if isinstance(gm.get_submodule(layer_name), nn.Linear):
-        if type(gm.get_submodule(str(bn_node.target))) is not nn.BatchNorm1d:
+    meta = src.meta.get("tensor_meta")
+    if meta is None:
+        return f"pass example_inputs to prove that the BatchNorm normalizes {layer_name}'s output channels"
+    shape = list(meta.shape)
+    if isinstance(layer, nn.Linear):
+        if type(bn) is not nn.BatchNorm1d:
             return f"a Linear ({layer_name}) folds only into a BatchNorm1d"
-        meta = src.meta.get("tensor_meta")
-        if meta is None:
-            return f"pass example_inputs to prove that {layer_name}'s output is [N, C]"
-        if len(meta.shape) != 2:
-            return (f"{layer_name}'s output is {list(meta.shape)}: BatchNorm1d normalizes axis 1, "
-                    "the Linear maps the last axis")
+        if len(shape) != 2:
+            return f"{layer_name}'s output is {shape}: BatchNorm1d normalizes axis 1, the Linear maps the last axis"
+        return None
+    dims = layer.weight.dim() - 2
+    if len(shape) != dims + 2:  # an unbatched conv: axis 1 is not its channel axis
+        return f"{layer_name}'s output is {shape}, unbatched: the BatchNorm's axis 1 is not its channel axis"
+    bn_dims = next((d for t, d in _BN_DIMS.items() if isinstance(bn, t)), dims)  # SyncBatchNorm: any rank
+    if bn_dims != dims:
+        return f"a BatchNorm{bn_dims}d does not follow a {dims}-D layer ({layer_name})"
     return None
 
 
@@ -193,14 +206,17 @@ def fold_batchnorms(
     """Fold every BatchNorm that directly follows a Conv, ConvTranspose or Linear layer.
 
     The model is traced with ``torch.fx``; a BatchNorm is folded when its input is the output of a
-    plain Conv1d/2d/3d, ConvTranspose1d/2d/3d or Linear module that nothing else uses. Linear +
-    BatchNorm1d is folded only when ``example_inputs`` prove the Linear output is ``[N, C]``, the only
-    layout where BN's channel axis is the Linear's feature axis.
+    plain Conv1d/2d/3d, ConvTranspose1d/2d/3d or Linear module that nothing else uses, and the shapes
+    recorded on ``example_inputs`` prove that the BatchNorm's axis 1 is that layer's output-channel axis:
+    a batched conv output followed by the BatchNorm of its own rank, or a Linear output ``[N, C]``
+    followed by a BatchNorm1d. Anything else, and a BatchNorm without running statistics, is left in
+    place with its reason.
 
     Args:
         model: Any traceable module. It is deep-copied and never changed.
         strict: If True, a BatchNorm that cannot be folded is an error instead of being left in place.
-        example_inputs: Inputs to run the traced copy once, recording every tensor's shape.
+        example_inputs: Inputs to run the traced copy once, recording every tensor's shape; without
+            them nothing is folded (each BatchNorm is left, with the reason).
 
     Returns:
         A :class:`FoldResult` whose module is a new ``torch.fx.GraphModule`` in eval mode.
@@ -214,8 +230,11 @@ def fold_batchnorms(
     except Exception as exc:  # fx raises many types; the user needs one line naming the model
         raise BnpipeError(f"{type(model).__name__}: cannot be traced by torch.fx: {one_line(exc)}") from exc
     if example_inputs is not None:
-        with torch.no_grad():
-            ShapeProp(gm).propagate(*example_inputs)
+        try:
+            with torch.no_grad():
+                ShapeProp(gm).propagate(*example_inputs)
+        except Exception as exc:  # the model's own error, on the caller's inputs
+            raise BnpipeError(f"{type(model).__name__}: fails on example_inputs: {one_line(exc)}") from exc
     result = FoldResult(module=gm)
     for node in list(gm.graph.nodes):
         if node.op != "call_module" or not isinstance(bn := gm.get_submodule(node.target), _BatchNorm):
@@ -223,7 +242,7 @@ def fold_batchnorms(
         bn_name = str(node.target)
         check_foldable_bn(bn_name, bn)
         reason = _why_not_foldable(gm, node)
-        layer_node = node.args[0]
+        layer_node = _bn_input(node)
         if reason is None:
             try:
                 _fold_into(gm.get_submodule(layer_node.target), bn)

@@ -139,13 +139,6 @@ def _fill(buffer: str, value: float) -> Callable[[Net], None]:
 
 REFUSALS = {
     "training": (lambda net: net.features[1].train(), "training mode"),
-    "no-running-stats": (  # built without them: the buffers are None
-        lambda net: net.features.__setitem__(1, nn.BatchNorm2d(6, track_running_stats=False).eval()),
-        "no running statistics",
-    ),
-    "stats-flag-off": (lambda net: setattr(net.features[1], "track_running_stats", False), "no running"),
-    "running-mean-none": (lambda net: setattr(net.features[1], "running_mean", None), "no running"),
-    "running-var-none": (lambda net: setattr(net.features[1], "running_var", None), "no running"),
     "var-nan": (_fill("running_var", float("nan")), "running_var has non-finite"),
     "var-inf": (_fill("running_var", float("inf")), "running_var has non-finite"),
     "var-negative": (_fill("running_var", -1e-3), "running_var has negative"),
