@@ -19,6 +19,7 @@ from bnpipe.errors import BnpipeError
 COMMANDS: dict[str, str] = {
     "train": "bnpipe.train.cli:train",
     "export": "bnpipe.export.cli:export",
+    "fold": "bnpipe.export.fold_cli:fold",
     "predict": "bnpipe.serve.cli:predict",
     "samples": "bnpipe.serve.samples:samples",
 }

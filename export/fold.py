@@ -19,7 +19,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvTransposeNd
 
 from bnpipe.errors import BnpipeError, one_line
-from bnpipe.export.fold_math import fold_bn_arrays
+from bnpipe.export.fold_math import fold_bn_arrays, round_once
 
 # Exact types, not isinstance: a subclass may override forward, and then folding could be wrong.
 _FOLDABLE: tuple[type[nn.Module], ...] = (
@@ -73,9 +73,18 @@ def fold_bn_params(
         transposed=transposed, groups=groups,
     )  # fmt: skip
     bias_dtype = weight.dtype if bias is None else bias.dtype
-    # float64 -> the layer's dtype: the one rounding.
-    return (torch.from_numpy(w64).to(weight.device, weight.dtype),
-            torch.from_numpy(b64).to(weight.device, bias_dtype))
+    return _rounded(w64, weight.dtype).to(weight.device), _rounded(b64, bias_dtype).to(weight.device)
+
+
+def _rounded(x64: np.ndarray, dtype: torch.dtype) -> Tensor:
+    """float64 -> ``dtype`` in one rounding (torch's own casts to half types go through float32)."""
+    if not dtype.is_floating_point or dtype.itemsize == 8:
+        return torch.from_numpy(x64).to(dtype)
+    if dtype == torch.bfloat16:
+        import ml_dtypes
+
+        return torch.from_numpy(round_once(x64, ml_dtypes.bfloat16).view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(round_once(x64, {torch.float32: np.float32, torch.float16: np.float16}[dtype]))
 
 
 @dataclass

@@ -75,3 +75,24 @@ def fold_bn_arrays(
     if beta is not None:
         b = b + np.asarray(beta, dtype=np.float64).reshape(-1)
     return w, b
+
+
+def round_once(x: F64, dtype: npt.DTypeLike) -> np.ndarray:
+    """Round float64 values to ``dtype`` (float32, float16, bfloat16 or float64) with a single rounding.
+
+    numpy rounds float64 to float32 and float16 directly. ml_dtypes goes to bfloat16 through float32, a
+    double rounding; rounding to float32 *to odd* first (truncate, then set the last bit when inexact)
+    makes the second rounding the only one, since float32 keeps 16 more bits than bfloat16.
+    """
+    import ml_dtypes
+
+    x = np.asarray(x, dtype=np.float64)
+    if np.dtype(dtype) != np.dtype(ml_dtypes.bfloat16):
+        return x.astype(dtype)
+    with np.errstate(over="ignore"):  # beyond float32's range is beyond bfloat16's: inf either way
+        f = x.astype(np.float32)
+    inexact = f.astype(np.float64) != x
+    bits = f.view(np.uint32).copy()
+    bits[inexact & (np.abs(f.astype(np.float64)) > np.abs(x))] -= 1  # one step toward zero: truncation
+    bits[inexact] |= 1
+    return bits.view(np.float32).astype(ml_dtypes.bfloat16)

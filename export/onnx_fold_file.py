@@ -1,0 +1,147 @@
+"""`bnpipe fold` as a library call: load an ONNX file, fold its BNs, check and verify, write it atomically."""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import onnx
+from google.protobuf.message import DecodeError
+
+from bnpipe import __version__
+from bnpipe.atomic import atomic_path, check_writable
+from bnpipe.errors import BnpipeError, one_line
+from bnpipe.export.onnx_fold import fold_graph
+from bnpipe.export.onnx_verify import random_inputs, relative_difference, run_cpu
+
+DEFAULT_TOLERANCE = 1e-4
+
+
+@dataclass
+class FoldFileReport:
+    """What `bnpipe fold` did to a file and how the result compared with the original."""
+
+    out: Path
+    before: dict[str, int]
+    after: dict[str, int]
+    max_rel_diff: float
+    seconds: float
+    folded: list[tuple[str, str]] = field(default_factory=list)
+    left: dict[str, str] = field(default_factory=dict)
+
+    def lines(self) -> list[str]:
+        """The human-readable report, one fact per line."""
+        b, a = self.before, self.after
+        out = [f"wrote {self.out}: nodes {b['nodes']} -> {a['nodes']}, "
+               f"BatchNormalization nodes {b['bn_nodes']} -> {a['bn_nodes']}"]  # fmt: skip
+        out += [f"folded {bn} into {producer}" for producer, bn in self.folded]
+        out += [f"left in place: {bn} ({why})" for bn, why in self.left.items()]
+        out += [f"verified with onnxruntime (CPU) on random inputs: max difference {self.max_rel_diff:.3g} "
+                "of the output's magnitude", f"done in {self.seconds:.2f}s"]  # fmt: skip
+        return out
+
+
+def op_counts(model: onnx.ModelProto) -> dict[str, int]:
+    """Node and BatchNormalization counts of the main graph."""
+    ops = collections.Counter(n.op_type for n in model.graph.node)
+    return {"nodes": sum(ops.values()), "bn_nodes": ops["BatchNormalization"]}
+
+
+def load_onnx(path: str | os.PathLike[str]) -> onnx.ModelProto:
+    """Load an ONNX file with its external data, or raise one line saying why not."""
+    p = Path(path)
+    if not p.is_file():
+        raise BnpipeError(f"{path}: no such file" if not p.exists() else f"{path}: not a file")
+    try:
+        model = onnx.load(str(p))
+    except (DecodeError, RuntimeError, ValueError, UnicodeDecodeError) as exc:
+        raise BnpipeError(f"{path}: not an ONNX model ({one_line(exc, 120)})") from None
+    except OSError as exc:  # external data missing or unreadable
+        raise BnpipeError(f"{path}: cannot read it or its external data ({exc.strerror or one_line(exc)})") from None
+    if model.ir_version == 0 or not model.HasField("graph") or not model.graph.node:
+        raise BnpipeError(f"{path}: not an ONNX model (no IR version or no graph)")
+    return model
+
+
+def _uses_external_data(model: onnx.ModelProto) -> bool:
+    return any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
+
+
+def fold_onnx_file(
+    src: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    shapes: Mapping[str, Sequence[int]] | None = None,
+    tolerance: float = DEFAULT_TOLERANCE,
+    strict: bool = False,
+) -> FoldFileReport:
+    """Fold the BatchNormalization nodes of an ONNX file exactly, verify, and write ``out``.
+
+    The folded model is written to a staging folder beside ``out``, passes
+    ``onnx.checker.check_model(full_check=True)``, and runs in onnxruntime (CPU) on random inputs against
+    the original; only then is it renamed into place. A model stored with external data is written with
+    its weights in ``<out name>.data`` beside it.
+
+    Args:
+        src: The ONNX file to fold.
+        out: Where to write the folded model; must differ from ``src``.
+        shapes: Input name -> shape for verification; other dynamic dims are 1.
+        tolerance: Largest max |difference| / max |output| allowed, over all outputs.
+        strict: A BatchNormalization left in place is an error.
+
+    Returns:
+        The report.
+
+    Raises:
+        BnpipeError: Bad input or output path, a training-mode BN, a BN left with ``strict``, a model that
+            fails the checker or onnxruntime, or a verification over ``tolerance``; no file is written.
+    """
+    t0 = time.perf_counter()
+    src_path, out_path = Path(src), Path(out)
+    if out_path.exists() and src_path.exists() and out_path.resolve() == src_path.resolve():
+        raise BnpipeError(f"{out}: is the input file; write the folded model to another path")
+    model = load_onnx(src_path)
+    check_writable(out_path)
+    before = op_counts(model)
+    external = _uses_external_data(model)
+    folded = fold_graph(model)
+    if strict and folded.left:
+        bn, why = next(iter(folded.left.items()))
+        raise BnpipeError(f"{bn}: BatchNormalization cannot be folded: {why}")
+    meta = {p.key: p.value for p in model.metadata_props}
+    meta["bnpipe_folded"] = json.dumps({"bnpipe_version": __version__, "folded": len(folded.folded),
+                                        "left": len(folded.left)})  # fmt: skip
+    del model.metadata_props[:]
+    onnx.helper.set_model_props(model, meta)
+
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".bnpipe-fold.", dir=out_path.parent) as stage:
+        staged = Path(stage) / out_path.name
+        data_name = f"{out_path.name}.data"
+        try:
+            onnx.save(model, str(staged), save_as_external_data=external, location=data_name)
+        except ValueError as exc:  # past protobuf's 2 GB without external data
+            raise BnpipeError(f"{out}: cannot serialize the model ({one_line(exc)})") from None
+        try:
+            onnx.checker.check_model(str(staged), full_check=True)
+        except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
+            raise BnpipeError(f"{out}: the folded model fails onnx.checker: {one_line(exc)}") from None
+        feeds = random_inputs(model, shapes or {})
+        want, got = run_cpu(src_path, feeds), run_cpu(staged, feeds)
+        diff = max((relative_difference(w, g) for w, g in zip(want, got)), default=0.0)
+        if len(want) != len(got) or not diff <= tolerance:  # `not <=` also catches NaN
+            raise BnpipeError(f"{out}: verification failed, max difference {diff:.3g} of the output's magnitude "
+                              f"exceeds --tolerance {tolerance:g}; no file written")  # fmt: skip
+        if external:
+            with atomic_path(out_path.parent / data_name) as tmp:
+                shutil.move(str(Path(stage) / data_name), tmp)
+        with atomic_path(out_path) as tmp:
+            shutil.move(str(staged), tmp)
+    return FoldFileReport(out_path, before, op_counts(model), diff, time.perf_counter() - t0,
+                          folded.folded, folded.left)  # fmt: skip
