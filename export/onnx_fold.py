@@ -125,7 +125,7 @@ def _fresh(base: str, taken: set[str]) -> str:
 
 
 def _apply(graph: onnx.GraphProto, bn: onnx.NodeProto, plan: _Plan, stats: list[np.ndarray], eps: float,
-           taken: set[str]) -> None:
+           taken: set[str], listed_as_inputs: bool) -> None:
     """Write the folded weight and bias as new initializers and route the producer to the BN's output."""
     gamma, beta, mean, var = stats
     w = plan.weight.T if plan.layout_t else plan.weight
@@ -136,7 +136,10 @@ def _apply(graph: onnx.GraphProto, bn: onnx.NodeProto, plan: _Plan, stats: list[
     b_new = round_once(b64, plan.weight.dtype)  # ONNX: a layer's bias has its weight's type
     # New initializers: a weight shared with another node keeps its old value there.
     w_name, b_name = _fresh(plan.producer.input[1], taken), _fresh(f"{bn.output[0]}_bias", taken)
-    graph.initializer.extend([numpy_helper.from_array(w_new, w_name), numpy_helper.from_array(b_new, b_name)])
+    new = [numpy_helper.from_array(w_new, w_name), numpy_helper.from_array(b_new, b_name)]
+    graph.initializer.extend(new)
+    if listed_as_inputs:  # IR < 4: every initializer is also a graph input
+        graph.input.extend(helper.make_tensor_value_info(t.name, t.data_type, t.dims) for t in new)
     plan.producer.input[1] = w_name
     while len(plan.bias_node.input) <= plan.bias_slot:
         plan.bias_node.input.append("")
@@ -217,7 +220,8 @@ def fold_graph(model: onnx.ModelProto) -> GraphFold:
         if isinstance(reason, _Plan):
             try:
                 touched.update({*reason.producer.input[1:], *reason.bias_node.input, *bn.input[1:]})
-                _apply(graph, bn, reason, stats, attrs.get("epsilon", 1e-5), taken)
+                _apply(graph, bn, reason, stats, attrs.get("epsilon", 1e-5), taken,
+                       model.ir_version < 4)
                 result.folded.append((names[id(reason.producer)], name))
                 continue
             except ValueError as exc:  # channel counts differ: the BN does not normalize that output

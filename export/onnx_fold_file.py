@@ -54,20 +54,29 @@ def op_counts(model: onnx.ModelProto) -> dict[str, int]:
     return {"nodes": sum(ops.values()), "bn_nodes": ops["BatchNormalization"]}
 
 
-def load_onnx(path: str | os.PathLike[str]) -> onnx.ModelProto:
-    """Load an ONNX file with its external data, or raise one line saying why not."""
+def load_onnx(path: str | os.PathLike[str]) -> tuple[onnx.ModelProto, bool]:
+    """Load an ONNX file with its external data, or raise one line saying why not.
+
+    Returns:
+        The model, and whether it kept weights in external data files.
+    """
     p = Path(path)
     if not p.is_file():
         raise BnpipeError(f"{path}: no such file" if not p.exists() else f"{path}: not a file")
     try:
-        model = onnx.load(str(p))
+        model = onnx.load(str(p), load_external_data=False)
+        external = _uses_external_data(model)
+        if external:
+            from onnx.external_data_helper import load_external_data_for_model
+
+            load_external_data_for_model(model, str(p.parent))
     except (DecodeError, RuntimeError, ValueError, UnicodeDecodeError) as exc:
         raise BnpipeError(f"{path}: not an ONNX model ({one_line(exc, 120)})") from None
     except OSError as exc:  # external data missing or unreadable
         raise BnpipeError(f"{path}: cannot read it or its external data ({exc.strerror or one_line(exc)})") from None
     if model.ir_version == 0 or not model.HasField("graph") or not model.graph.node:
         raise BnpipeError(f"{path}: not an ONNX model (no IR version or no graph)")
-    return model
+    return model, external
 
 
 def _uses_external_data(model: onnx.ModelProto) -> bool:
@@ -106,10 +115,9 @@ def fold_onnx_file(
     src_path, out_path = Path(src), Path(out)
     if out_path.exists() and src_path.exists() and out_path.resolve() == src_path.resolve():
         raise BnpipeError(f"{out}: is the input file; write the folded model to another path")
-    model = load_onnx(src_path)
+    model, external = load_onnx(src_path)
     check_writable(out_path)
     before = op_counts(model)
-    external = _uses_external_data(model)
     folded = fold_graph(model)
     if strict and folded.left:
         bn, why = next(iter(folded.left.items()))
@@ -138,7 +146,7 @@ def fold_onnx_file(
         if len(want) != len(got) or not diff <= tolerance:  # `not <=` also catches NaN
             raise BnpipeError(f"{out}: verification failed, max difference {diff:.3g} of the output's magnitude "
                               f"exceeds --tolerance {tolerance:g}; no file written")  # fmt: skip
-        if external:
+        if (Path(stage) / data_name).exists():  # tensors under 1 KB stay inside the model file
             with atomic_path(out_path.parent / data_name) as tmp:
                 shutil.move(str(Path(stage) / data_name), tmp)
         with atomic_path(out_path) as tmp:

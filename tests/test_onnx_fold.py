@@ -1,0 +1,171 @@
+"""`bnpipe fold` on small ONNX graphs: each producer kind, and the safe-rewriting rules."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import helper, numpy_helper
+
+from bnpipe.export.fold_math import bn_scale, fold_bn_arrays
+from bnpipe.export.onnx_fold_file import FoldFileReport, fold_onnx_file
+from tests.onnx_graphs import (
+    assert_same_per_channel, bn_node, layer_bn, make_model, ops, run, with_bn,
+)  # fmt: skip
+
+F16 = onnx.TensorProto.FLOAT16
+
+
+def fold_file(model: onnx.ModelProto, tmp_path: Path, **kwargs: object) -> tuple[FoldFileReport, onnx.ModelProto]:
+    """Save ``model``, fold it with :func:`fold_onnx_file`, and load the result."""
+    src, out = tmp_path / "in.onnx", tmp_path / "out.onnx"
+    onnx.save(model, str(src))
+    report = fold_onnx_file(src, out, **kwargs)
+    return report, onnx.load(str(out))
+
+
+def assert_same_outputs(model: onnx.ModelProto, folded: onnx.ModelProto, shapes: dict[str, tuple[int, ...]],
+                        rtol: float = 2e-5) -> None:  # fmt: skip
+    """Both models give the same outputs on random inputs (run here, not by the code under test)."""
+    rng = np.random.default_rng(7)
+    elem = {i.name: i.type.tensor_type.elem_type for i in model.graph.input}
+    feeds = {k: rng.standard_normal(s).astype(helper.tensor_dtype_to_np_dtype(elem[k])) for k, s in shapes.items()}
+    for want, got in zip(run(model, feeds), run(folded, feeds), strict=True):
+        assert_same_per_channel(got, want, rtol)
+
+
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
+@pytest.mark.parametrize("group", [1, 2])
+@pytest.mark.parametrize("dims", [1, 2, 3])
+@pytest.mark.parametrize("op", ["Conv", "ConvTranspose"])
+def test_conv_and_conv_transpose_fold(tmp_path: Path, op: str, dims: int, group: int, bias: bool) -> None:
+    model = layer_bn(op, dims, group, bias)
+    report, folded = fold_file(model, tmp_path, strict=True)
+    assert report.folded == [("layer", "bn")] and ops(folded) == {op: 1}
+    assert_same_outputs(model, folded, {"x": (2, 4, *[5] * dims)})
+
+
+@pytest.mark.parametrize("c_shape", [None, (), (6,), (1, 6), (3, 6), (3, 1)], ids=str)
+@pytest.mark.parametrize("trans_b", [0, 1])
+def test_gemm_folds_with_trans_b_alpha_beta_and_any_bias(tmp_path: Path, trans_b: int, c_shape: tuple | None) -> None:
+    rng = np.random.default_rng(2)
+    inits = {"w": rng.standard_normal((6, 5) if trans_b else (5, 6)).astype(np.float32), **with_bn("bn", 6)}
+    inputs = ["a", "w"]
+    if c_shape is not None:
+        inits["c"] = rng.standard_normal(c_shape).astype(np.float32)
+        inputs.append("c")
+    nodes = [helper.make_node("Gemm", inputs, ["h"], name="gemm", transB=trans_b, alpha=0.7, beta=1.3),
+             bn_node("h", "y", "bn")]  # fmt: skip
+    model = make_model(nodes, {"a": [3, 5]}, ["y"], inits)
+    report, folded = fold_file(model, tmp_path, strict=True)
+    assert report.folded == [("gemm", "bn")] and ops(folded) == {"Gemm": 1}
+    assert_same_outputs(model, folded, {"a": (3, 5)})
+
+
+def _matmul_add_bn(rank: int) -> onnx.ModelProto:
+    rng = np.random.default_rng(3)
+    inits = {"w": rng.standard_normal((5, 6)).astype(np.float32), "b": rng.standard_normal(6).astype(np.float32),
+             **with_bn("bn", 6)}  # fmt: skip
+    nodes = [helper.make_node("MatMul", ["a", "w"], ["m"], name="mm"), helper.make_node("Add", ["m", "b"], ["h"]),
+             bn_node("h", "y", "bn")]  # fmt: skip
+    return make_model(nodes, {"a": [3, 5] if rank == 2 else [3, 6, 5]}, ["y"], inits)
+
+
+def test_matmul_add_folds_on_a_2d_input(tmp_path: Path) -> None:
+    model = _matmul_add_bn(2)
+    report, folded = fold_file(model, tmp_path, strict=True)
+    assert report.folded == [("mm", "bn")] and ops(folded) == {"MatMul": 1, "Add": 1}
+    assert_same_outputs(model, folded, {"a": (3, 5)})
+
+
+def test_shared_weight_gets_a_new_initializer(tmp_path: Path) -> None:
+    # Two Conv+BN pairs and a bare Conv read one weight: each fold writes its own; the bare Conv keeps it.
+    rng = np.random.default_rng(4)
+    w = rng.standard_normal((6, 4, 3, 3)).astype(np.float32)
+    nodes = [helper.make_node("Conv", ["x", "w"], ["h1"], name="c1"), bn_node("h1", "y1", "bn1"),
+             helper.make_node("Conv", ["x", "w"], ["h2"], name="c2"), bn_node("h2", "y2", "bn2"),
+             helper.make_node("Conv", ["x", "w"], ["y3"], name="c3")]  # fmt: skip
+    model = make_model(nodes, {"x": [1, 4, 5, 5]}, ["y1", "y2", "y3"], {"w": w, **with_bn("bn1", 6), **with_bn("bn2", 6, 1)})
+    report, folded = fold_file(model, tmp_path)
+    assert report.left == {} and ops(folded) == {"Conv": 3}
+    inits = {t.name: numpy_helper.to_array(t) for t in folded.graph.initializer}
+    weights = [n.input[1] for n in folded.graph.node]
+    assert weights[2] == "w" and np.array_equal(inits["w"], w) and len(set(weights)) == 3
+    assert_same_outputs(model, folded, {"x": (1, 4, 5, 5)})
+
+
+def test_bn_graph_output_keeps_its_name_and_metadata_is_kept(tmp_path: Path) -> None:
+    model = layer_bn("Conv")
+    helper.set_model_props(model, {"author": "someone"})
+    _, folded = fold_file(model, tmp_path)
+    assert [o.name for o in folded.graph.output] == ["y"] and folded.graph.node[0].output[0] == "y"
+    meta = {p.key: p.value for p in folded.metadata_props}
+    assert meta["author"] == "someone" and '"folded": 1' in meta["bnpipe_folded"]
+    onnx.checker.check_model(folded, full_check=True)
+
+
+def test_external_data_loads_and_saves(tmp_path: Path) -> None:
+    model = layer_bn("Conv", dims=3)  # a 2.5 KB weight: past onnx's 1 KB threshold for external data
+    src, out = tmp_path / "in.onnx", tmp_path / "out" / "folded.onnx"
+    onnx.save(model, str(src), save_as_external_data=True, location="in.weights", size_threshold=0)
+    fold_onnx_file(src, out)
+    assert sorted(p.name for p in out.parent.iterdir()) == ["folded.onnx", "folded.onnx.data"]
+    folded = onnx.load(str(out))  # reads folded.onnx.data
+    bare = onnx.load(str(out), load_external_data=False)
+    external = [t.name for t in bare.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
+    assert external == [bare.graph.node[0].input[1]]  # the folded 2.5 KB weight; the bias stays inline
+    assert_same_outputs(model, folded, {"x": (2, 4, 5, 5, 5)})
+
+
+def test_float16_weights_are_rounded_once(tmp_path: Path) -> None:
+    model = layer_bn("Conv", bias=False, dtype=np.float16, elem=F16)
+    for t in model.graph.initializer:  # gamma 1e3 over var 1e-8 would overflow float16's 65504
+        if t.name in ("bn.gamma", "bn.var"):
+            t.CopyFrom(numpy_helper.from_array(np.linspace(0.5, 1.5, 6).astype(np.float16), t.name))
+    _, folded = fold_file(model, tmp_path, tolerance=1e-2)
+    inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    new = {t.name: numpy_helper.to_array(t) for t in folded.graph.initializer}
+    conv = folded.graph.node[0]
+    stats = [inits[f"bn.{k}"] for k in ("mean", "var")]
+    exact_w, exact_b = fold_bn_arrays(inits["w"], None, *stats, 1e-3, inits["bn.gamma"], inits["bn.beta"])
+    assert new[conv.input[1]].dtype == np.float16 and new[conv.input[2]].dtype == np.float16
+    assert np.array_equal(new[conv.input[1]], exact_w.astype(np.float16))  # float64 -> float16, one rounding
+    assert np.array_equal(new[conv.input[2]], exact_b.astype(np.float16))
+    assert_same_outputs(model, folded, {"x": (2, 4, 5, 5)}, rtol=2e-3)
+
+
+@pytest.mark.parametrize("opset, attrs", [(9, {}), (8, {"spatial": 1}), (7, {})], ids=["opset9", "opset8-spatial", "opset7"])
+def test_old_opset_bn_with_initializers_listed_as_inputs(tmp_path: Path, opset: int, attrs: dict) -> None:
+    # Old exporters (IR 3) list every initializer among the graph inputs too.
+    model = layer_bn("Conv")
+    model.graph.node[1].attribute.extend(helper.make_attribute(k, v) for k, v in attrs.items())
+    model.opset_import[0].version, model.ir_version = opset, 3
+    model.graph.input.extend(helper.make_tensor_value_info(t.name, t.data_type, t.dims) for t in model.graph.initializer)
+    report, folded = fold_file(model, tmp_path, strict=True)
+    assert report.folded == [("layer", "bn")]
+    assert {i.name for i in folded.graph.input} == {"x"} | {t.name for t in folded.graph.initializer}
+    assert_same_outputs(model, folded, {"x": (2, 4, 5, 5)})
+
+
+def test_dead_constant_bias_chain_is_evaluated_and_removed(tmp_path: Path) -> None:
+    # torch's exporter with optimize=False writes a missing bias as Expand(CastLike(0, x), Shape(W)).
+    model = layer_bn("Conv", bias=False)
+    zero = helper.make_tensor("zero", onnx.TensorProto.DOUBLE, [], [0.0])
+    chain = [helper.make_node("Shape", ["w"], ["ws"], start=0, end=1),
+             helper.make_node("Constant", [], ["z"], value=zero), helper.make_node("CastLike", ["z", "x"], ["zf"]),
+             helper.make_node("Expand", ["zf", "ws"], ["b"])]  # fmt: skip
+    model.graph.node[0].input.append("b")
+    for i, node in enumerate(chain):
+        model.graph.node.insert(i, node)
+    report, folded = fold_file(model, tmp_path, strict=True)
+    assert report.folded == [("layer", "bn")] and ops(folded) == {"Conv": 1}
+    assert_same_outputs(model, folded, {"x": (2, 4, 5, 5)})
+
+
+def test_bn_scale_is_gamma_over_root_var_plus_eps() -> None:
+    assert bn_scale([3.0, 0.0], 1.0, [4.0, 2.0]).tolist() == [2.0, 2.0]
+    # A Gemm's full [M, C] bias: the channel is the last axis.
+    _, b = fold_bn_arrays(np.eye(2), np.array([[1.0, 2.0], [3.0, 4.0]]), [1.0, 2.0], [3.0, 0.0], 1.0, [4.0, 2.0], [1.0, 0.0])
+    assert b.tolist() == [[1.0, 0.0], [5.0, 4.0]]  # (b - mean) * [2, 2] + [1, 0]
