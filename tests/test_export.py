@@ -58,15 +58,6 @@ def test_model_io_checker_and_metadata(exported_models: dict[str, Path]) -> None
     assert unfolded["bn_folded"] == "false"
 
 
-def test_normalization_stored_in_checkpoint_is_applied_in_graph(tiny_mnist: Path, tmp_path: Path) -> None:
-    ckpt = tmp_path / "d.pt"
-    args = ["train", "--data", str(tiny_mnist), "--epochs", "1", "--normalize", "dataset", "--out", str(ckpt)]
-    assert CliRunner().invoke(cli, args).exit_code == 0
-    pipeline.export_checkpoint(ckpt, tmp_path / "d.onnx", fold_bn=True)
-    pixels = np.full((2, 1, 28, 28), 200, dtype=np.uint8)
-    assert np.allclose(ort_logits(tmp_path / "d.onnx", pixels), torch_reference_logits(ckpt, pixels), atol=1e-4)
-
-
 def test_cli_export_reports_and_writes(trained_checkpoint: Path, tmp_path: Path) -> None:
     out = tmp_path / "m.onnx"
     result = CliRunner().invoke(cli, ["export", "--checkpoint", str(trained_checkpoint), "--out", str(out), "--fold-bn"])
