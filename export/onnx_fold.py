@@ -202,13 +202,14 @@ def fold_graph(model: onnx.ModelProto) -> GraphFold:
         attrs = {a.name: helper.get_attribute_value(a) for a in bn.attribute}
         if attrs.get("training_mode", 0):
             raise BnpipeError(f"{name}: BatchNormalization has training_mode=1; only inference-form BNs fold")
+        if any(bn.output[1:]):  # before opset 14 the outputs say the mode: more than Y means training
+            raise BnpipeError(f"{name}: BatchNormalization has {sum(map(bool, bn.output))} outputs, the training "
+                              "form; only inference-form BNs fold")
         uses = _uses(graph)
         producers = {o: n for n in graph.node for o in n.output if o}
         stats = [consts.get(p) for p in bn.input[1:5]]
         if attrs.get("spatial", 1) == 0:
             reason: _Plan | str = "spatial=0: it normalizes each element, not each channel"
-        elif any(out and uses[out] for out in bn.output[1:]):
-            reason = "its running-statistics outputs are used"
         elif any(s is None for s in stats):
             reason = "a scale, bias, mean or variance input is not a constant"
         elif len({s.shape for s in stats}) != 1 or stats[0].ndim != 1:

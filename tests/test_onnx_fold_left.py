@@ -84,10 +84,15 @@ def test_bn_left_with_its_reason_and_strict_refuses(tmp_path: Path, case: str) -
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.onnx"]
 
 
-def test_training_mode_bn_is_refused_by_name() -> None:
+@pytest.mark.parametrize("form", ["training_mode=1", "opset9-outputs"])
+def test_training_mode_bn_is_refused_by_name(form: str) -> None:
     model = layer_bn("Conv")
-    model.graph.node[1].attribute.append(helper.make_attribute("training_mode", 1))
-    with pytest.raises(BnpipeError, match=r"^bn: BatchNormalization has training_mode=1"):
+    if form == "training_mode=1":
+        model.graph.node[1].attribute.append(helper.make_attribute("training_mode", 1))
+    else:  # before opset 14, a BN with its running-statistics outputs is the training form
+        model.opset_import[0].version = 9
+        model.graph.node[1].output.extend(["mean_out", "var_out", "saved_mean", "saved_var"])
+    with pytest.raises(BnpipeError, match=r"^bn: BatchNormalization has (training_mode=1|5 outputs, the training)"):
         fold_graph(model)
 
 
