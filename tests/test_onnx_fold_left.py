@@ -18,6 +18,7 @@ from bnpipe.export import onnx_fold
 from bnpipe.export.fold_math import fold_bn_arrays, round_once
 from bnpipe.export.onnx_fold import fold_graph
 from bnpipe.export.onnx_fold_file import fold_onnx_file
+from bnpipe.export.onnx_verify import random_inputs
 from tests.onnx_graphs import bn_node, layer_bn, make_model, ops, with_bn
 
 
@@ -166,3 +167,13 @@ def test_cli_bad_input_is_one_line(tmp_path: Path, case: str) -> None:
     code, lines = _fold_cli(*args)
     assert code == 1 and len(lines) == 1 and lines[0].startswith("bnpipe: error: ") and needle in lines[0], lines
     assert not out.exists() and src.read_bytes() == before
+
+
+def test_random_inputs_take_each_inputs_type_and_shape() -> None:
+    model = make_model([helper.make_node("Identity", ["x"], ["y"])], {"x": ["batch", 3, "h"]}, ["y"], {},
+                       elem=onnx.TensorProto.UINT8)  # fmt: skip
+    assert random_inputs(model, {})["x"].shape == (1, 3, 1)  # dynamic dims take 1
+    feeds = random_inputs(model, {"x": (4, 3, 7)})
+    assert feeds["x"].shape == (4, 3, 7) and feeds["x"].dtype == np.uint8 and feeds["x"].max() > 1
+    with pytest.raises(BnpipeError, match=r"--shape x=4,2,7: the input is \[1, 3, 1\]"):
+        random_inputs(model, {"x": (4, 2, 7)})
