@@ -113,7 +113,7 @@ def fold_onnx_file(
     """
     t0 = time.perf_counter()
     src_path, out_path = Path(src), Path(out)
-    if out_path.exists() and src_path.exists() and out_path.resolve() == src_path.resolve():
+    if out_path.exists() and src_path.exists() and os.path.samefile(out_path, src_path):  # links too
         raise BnpipeError(f"{out}: is the input file; write the folded model to another path")
     model, external = load_onnx(src_path)
     check_writable(out_path)
