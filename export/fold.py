@@ -41,26 +41,19 @@ def fold_bn_params(
     transposed: bool = False,
     groups: int = 1,
 ) -> tuple[Tensor, Tensor]:
-    """Fold BatchNorm statistics into the weight and bias of the layer before it.
+    """Fold BatchNorm statistics into the weight and bias of the layer before it, for tensors.
 
-    Computes ``w' = w * gamma / sqrt(var + eps)`` per output channel and
-    ``b' = (b - mean) * gamma / sqrt(var + eps) + beta`` in float64, then casts back once.
+    The arithmetic is :func:`bnpipe.export.fold_math.fold_bn_arrays` (float64; its docstring gives the
+    layouts); the result is rounded once, to the weight's dtype (the bias's, when there is one).
 
     Args:
-        weight: Layer weight. Conv and Linear: ``[C_out, C_in/groups, *k]`` (Linear has no ``k``);
-            ConvTranspose (``transposed=True``): ``[C_in, C_out/groups, *k]``.
-        bias: Layer bias ``[C_out]``, or None for a layer without bias (treated as zeros).
-        bn_mean: BatchNorm running mean ``[C_out]``.
-        bn_var: BatchNorm running variance ``[C_out]``; the caller checks it is finite and >= 0.
-        bn_eps: That BatchNorm's own epsilon.
-        gamma: BatchNorm weight ``[C_out]``, or None when ``affine=False`` (treated as ones).
-        beta: BatchNorm bias ``[C_out]``, or None when ``affine=False`` (treated as zeros).
-        transposed: True for a ConvTranspose weight layout.
-        groups: The layer's ``groups``; only the transposed layout depends on it.
+        weight, bias: The layer's, ``bias`` None for none. ConvTranspose (``transposed``): ``[C_in, C_out/g, *k]``.
+        bn_mean, bn_var, bn_eps: The BatchNorm's running statistics ``[C_out]`` and its own epsilon.
+        gamma, beta: Its affine parameters ``[C_out]``, or None when ``affine=False``.
+        transposed, groups: The ConvTranspose layout and the layer's groups.
 
     Returns:
-        The folded ``(weight, bias)``: the weight in ``weight``'s dtype and shape, the bias ``[C_out]`` in
-        ``bias``'s dtype (``weight``'s dtype when there was no bias).
+        The folded ``(weight, bias)``, in ``weight``'s device and shape.
 
     Raises:
         ValueError: If the BatchNorm's channel count does not match the layer's output channels.
