@@ -171,3 +171,14 @@ def test_bn_scale_is_gamma_over_root_var_plus_eps() -> None:
     # A Gemm's full [M, C] bias: the channel is the last axis.
     _, b = fold_bn_arrays(np.eye(2), np.array([[1.0, 2.0], [3.0, 4.0]]), [1.0, 2.0], [3.0, 0.0], 1.0, [4.0, 2.0], [1.0, 0.0])
     assert b.tolist() == [[1.0, 0.0], [5.0, 4.0]]  # (b - mean) * [2, 2] + [1, 0]
+
+
+@pytest.mark.parametrize("opset", [14, 15, 25])
+def test_newer_opsets(tmp_path: Path, opset: int) -> None:
+    # 14: training_mode appears (0 here); 15: BN's statistics may have their own type; 25: the newest.
+    model = layer_bn("Conv", dims=1)
+    model.opset_import[0].version = opset
+    model.graph.node[1].attribute.append(helper.make_attribute("training_mode", 0))
+    report, folded = fold_file(model, tmp_path, strict=True)
+    assert report.folded == [("layer", "bn")] and ops(folded) == {"Conv": 1}
+    assert_same_outputs(model, folded, {"x": (2, 4, 5)})
