@@ -21,6 +21,7 @@ COMMANDS: dict[str, str] = {
     "export": "bnpipe.export.cli:export",
     "predict": "bnpipe.serve.cli:predict",
     "samples": "bnpipe.serve.samples:samples",
+    "serve": "bnpipe.serve.server_cli:serve",
 }
 
 
