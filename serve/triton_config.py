@@ -80,6 +80,17 @@ def preferred_batch_sizes(max_batch_size: int) -> list[int]:
     return sizes + [max_batch_size]
 
 
+def check_model_name(name: str) -> None:
+    """Refuse a model name that could not be a repository folder (and a URL path segment).
+
+    Raises:
+        BnpipeError: the name is empty, starts with '.' or '-', or has other characters than
+            letters, digits, '_', '.' and '-'.
+    """
+    if not _NAME.fullmatch(name):
+        raise BnpipeError(f"model name {name!r}: use letters, digits, '_', '.' and '-' (it names a folder)")
+
+
 def _dims(spec: TensorSpec) -> list[int]:
     """The config's dims: the shape without its batch axis (which must be dynamic)."""
     if not spec.shape or spec.shape[0] != -1:
@@ -118,8 +129,7 @@ def triton_config(name: str, inputs: Sequence[TensorSpec], outputs: Sequence[Ten
     Raises:
         BnpipeError: a bad name, device or size, or tensors Triton cannot batch.
     """
-    if not _NAME.fullmatch(name):
-        raise BnpipeError(f"model name {name!r}: use letters, digits, '_', '.' and '-' (it names a folder)")
+    check_model_name(name)
     if device not in TRITON_DEVICES:
         raise BnpipeError(f"triton device {device!r}: expected one of {', '.join(TRITON_DEVICES)}")
     if max_batch_size < 1 or max_queue_delay_us < 0 or instances < 1:

@@ -12,9 +12,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bnpipe.atomic import atomic_path, write_text_atomic
-from bnpipe.errors import BnpipeError
-from bnpipe.serve.triton_config import BACKEND, CONFIG_FILE, MODEL_FILE, PLATFORM, render_pbtxt
+from bnpipe.atomic import atomic_path, check_writable, write_text_atomic
+from bnpipe.errors import BnpipeError, one_line
+from bnpipe.serve.triton_config import (
+    BACKEND, CONFIG_FILE, MODEL_FILE, PLATFORM, TRITON_DEVICES, check_model_name, render_pbtxt, tensor_specs, triton_config,
+)  # fmt: skip
 
 VERSION = 1  # the version folder export writes
 _STRING = r'"(?:[^"\\]|\\.)*"'
@@ -127,3 +129,41 @@ def write_repository(repo: str | Path, config: dict[str, Any], onnx_file: str | 
         shutil.copyfile(onnx_file, tmp)
     write_text_atomic(folder / CONFIG_FILE, render_pbtxt(config))
     return folder
+
+
+def check_repository_writable(repo: str | Path, name: str, device: str = "gpu") -> None:
+    """Fail early, before a long export, when ``repo/<name>`` could not be written later.
+
+    Raises:
+        BnpipeError: a bad model name or device, or a folder that cannot be made or written.
+    """
+    check_model_name(name)
+    if device not in TRITON_DEVICES:
+        raise BnpipeError(f"triton device {device!r}: expected one of {', '.join(TRITON_DEVICES)}")
+    folder = Path(repo) / name
+    check_writable(folder / CONFIG_FILE)
+    check_writable(folder / str(VERSION) / MODEL_FILE)
+
+
+def export_repository(repo: str | Path, onnx_file: str | Path, name: str, device: str = "gpu", **options: Any) -> Path:
+    """Write the Triton repository for an ONNX file, its inputs and outputs read by onnxruntime.
+
+    Args:
+        repo: The repository folder.
+        onnx_file: The model to serve.
+        name: The model's name in the repository.
+        device: ``gpu`` or ``cpu`` instances.
+        **options: More `triton_config` keywords (``max_batch_size``, ``max_queue_delay_us``, ``instances``).
+
+    Returns:
+        The model's folder, ``repo/<name>``.
+    """
+    import onnxruntime as ort
+
+    try:  # the CPU provider is enough to read the graph's inputs and outputs
+        session = ort.InferenceSession(str(onnx_file), providers=["CPUExecutionProvider"])
+    except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own Fail/InvalidGraph types
+        raise BnpipeError(f"{onnx_file}: not a usable ONNX model ({one_line(exc)})") from None
+    config = triton_config(name, tensor_specs(session.get_inputs()), tensor_specs(session.get_outputs()),
+                           device=device, **options)
+    return write_repository(repo, config, onnx_file)
