@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,6 +16,7 @@ from typing import Any
 
 import numpy as np
 from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import FileResponse, Response
@@ -22,6 +24,7 @@ from starlette.routing import Route
 from starlette.types import Message, Receive, Scope, Send
 
 from bnpipe import __version__
+from bnpipe.errors import one_line
 from bnpipe.serve import bodies
 from bnpipe.serve.batcher import Batcher, QueueFull, Stopped
 from bnpipe.serve.metrics import CONTENT_TYPE, Metrics
@@ -33,6 +36,7 @@ EXTENSIONS = ("binary_tensor_data", "model_configuration")
 PAGE = Path(__file__).parent / "static" / "index.html"
 RETRY_AFTER = "1"  # seconds: a full queue drains in milliseconds
 JSON = "application/json"
+LARGE_BODY = 1 << 18  # bytes
 
 
 @dataclass
@@ -112,6 +116,10 @@ def build_app(state: ServeState) -> Starlette:
                 return await fn(state, request)
             except V2Error as exc:
                 return error(str(exc), exc.status)
+            except Exception as exc:  # noqa: BLE001 - a fault of ours: one line in the log and the answer
+                message = f"internal error: {one_line(exc)}"
+                print(f"bnpipe: error: {request.method} {request.url.path[:200]}: {message}", file=sys.stderr)
+                return error(message, 500)
         return endpoint
 
     async def live(state: ServeState, request: Request) -> Response:
@@ -144,8 +152,10 @@ def build_app(state: ServeState) -> Starlette:
         if raw is not None and not raw.isdigit():
             raise V2Error(f"Inference-Header-Content-Length {raw[:40]!r} is not a number")
         body = await _body(state, request)
-        parsed = parse_infer(body, None if raw is None else int(raw), state.name, state.inputs, state.outputs,
-                             state.batcher.max_batch)
+        args = (body, None if raw is None else int(raw), state.name, state.inputs, state.outputs,
+                state.batcher.max_batch)
+        # A large JSON body takes a while to parse: off the event loop, so that others are not held up.
+        parsed = parse_infer(*args) if len(body) < LARGE_BODY else await run_in_threadpool(parse_infer, *args)
         logits = await _infer_rows(state, parsed.inputs[state.inputs[0].name])
         results = {state.outputs[0].name: logits}
         content, header_length = encode_infer(state.name, state.version, parsed.id,

@@ -122,10 +122,17 @@ def test_inflate_round_trips(encoding: str, pack: Any) -> None:
 
 
 def test_inflate_bomb_is_413_without_inflating_it_all() -> None:
+    import tracemalloc
+
     bomb = gzip.compress(bytes(200 << 20))  # 200 MiB of zeros in ~200 KB
-    with pytest.raises(V2Error, match="larger than the limit of 1048576") as info:
-        inflate(bomb, "gzip", 1 << 20)
-    assert info.value.status == 413
+    tracemalloc.start()
+    try:
+        with pytest.raises(V2Error, match="larger than the limit of 1048576") as info:
+            inflate(bomb, "gzip", 1 << 20)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert info.value.status == 413 and peak < 4 << 20  # about the limit, never the 200 MiB
 
 
 @pytest.mark.parametrize("data,encoding,message", [
