@@ -115,14 +115,20 @@ def test_drawn_one_is_labelled_one(server: str, browser, tmp_path: Path) -> None
     assert set(origins) <= {server}
 
 
-def test_opened_image_file_and_bad_file(server: str, browser, tmp_path: Path) -> None:
+DROP = """const bytes = Uint8Array.from(atob(arguments[0]), c => c.charCodeAt(0));
+  const files = new DataTransfer();
+  files.items.add(new File([bytes], arguments[1], {type: 'image/png'}));
+  document.getElementById('pad').dispatchEvent(new DragEvent('drop', {dataTransfer: files, bubbles: true}));"""
+
+
+def test_dropped_image_file_and_opened_bad_file(server: str, browser, tmp_path: Path) -> None:
     from selenium.webdriver.common.by import By
 
     from bnpipe.serve.samples import write_samples
 
     (sample,) = write_samples(real_mnist_root(), tmp_path, count=1)  # 00000_7.png: the first test image
     browser.get(server + "/")
-    browser.find_element(By.ID, "file").send_keys(str(sample))
+    browser.execute_script(DROP, base64.b64encode(sample.read_bytes()).decode(), sample.name)
     shown = wait_for_result(browser)
     request = urllib.request.Request(server + "/v1/predict", data=sample.read_bytes(), method="POST")
     with urllib.request.urlopen(request, timeout=10) as response:
