@@ -15,7 +15,8 @@ from typing import Any
 from bnpipe.atomic import atomic_path, check_writable, write_text_atomic
 from bnpipe.errors import BnpipeError, one_line
 from bnpipe.serve.triton_config import (
-    BACKEND, CONFIG_FILE, MODEL_FILE, PLATFORM, TRITON_DEVICES, check_model_name, render_pbtxt, tensor_specs, triton_config,
+    BACKEND, CONFIG_FILE, MODEL_FILE, PLATFORM, TRITON_DEVICES, check_model_name, render_pbtxt, tensor_specs,
+    triton_config,
 )  # fmt: skip
 
 VERSION = 1  # the version folder export writes

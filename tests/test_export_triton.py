@@ -40,7 +40,7 @@ def test_cli_writes_a_repository_triton_accepts(trained_checkpoint: Path, tmp_pa
     assert (found.name, found.onnx_path) == ("bnpipe", repo / "bnpipe/1/model.onnx")
 
 
-def test_cpu_repository_under_another_name(exported_models: dict, tmp_path: Path) -> None:
+def test_cpu_repository_under_another_name(exported_models: dict[str, Path], tmp_path: Path) -> None:
     folder = export_repository(tmp_path, exported_models["onnx_folded"], "digits", "cpu", max_batch_size=32)
     cfg = read_config(folder / "config.pbtxt")
     assert cfg.name == "digits" and [g.kind for g in cfg.instance_group] == [KIND.KIND_CPU]

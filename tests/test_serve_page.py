@@ -10,6 +10,7 @@ import shutil
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -45,7 +46,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 
 @pytest.fixture(scope="module")
-def browser() -> Iterator[object]:
+def browser() -> Iterator[Any]:
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
@@ -62,7 +63,7 @@ def browser() -> Iterator[object]:
         driver.quit()
 
 
-def wait_for_result(driver, before: dict | None = None) -> dict:
+def wait_for_result(driver: Any, before: dict[str, Any] | None = None) -> dict[str, Any]:
     """Wait until the page shows an answer (a label or an error) other than ``before``; return it."""
     from selenium.webdriver.support.ui import WebDriverWait
 
@@ -72,7 +73,7 @@ def wait_for_result(driver, before: dict | None = None) -> dict:
               error: document.getElementById('status').classList.contains('error'),
               top: rows.map(r => [r.dataset.label, Number(r.dataset.probability)]),
               bars: rows.map(r => r.querySelector('.fill').style.width)};"""
-    def answered(d) -> dict | None:
+    def answered(d: Any) -> dict[str, Any] | None:
         shown = d.execute_script(read)
         done = (shown["label"] or shown["error"]) and not shown["status"].startswith("Labelling")
         return shown if done and shown != before else None
@@ -80,14 +81,14 @@ def wait_for_result(driver, before: dict | None = None) -> dict:
     return WebDriverWait(driver, 20, poll_frequency=0.05).until(answered)
 
 
-def seen_pixels(driver) -> np.ndarray:
+def seen_pixels(driver: Any) -> np.ndarray:
     """The 28x28 image the page shows as the model's input (its red channel; it is gray)."""
     rgba = driver.execute_script(
-        "const c = document.getElementById('seen'); return Array.from(c.getContext('2d').getImageData(0, 0, 28, 28).data);")
+        "return Array.from(document.getElementById('seen').getContext('2d').getImageData(0, 0, 28, 28).data);")
     return np.array(rgba, np.uint8).reshape(28, 28, 4)[..., 0]
 
 
-def test_drawn_one_is_labelled_one(server: str, browser, tmp_path: Path) -> None:
+def test_drawn_one_is_labelled_one(server: str, browser: Any, tmp_path: Path) -> None:
     from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.common.by import By
 
@@ -111,7 +112,8 @@ def test_drawn_one_is_labelled_one(server: str, browser, tmp_path: Path) -> None
     digit = load_digit(png, "pad.png")
     assert digit.max() > 0 and np.array_equal(seen_pixels(browser), digit)
     # Nothing was fetched from anywhere but the server: the page works offline.
-    origins = browser.execute_script("return performance.getEntriesByType('resource').map(e => new URL(e.name).origin);")
+    origins = browser.execute_script(
+        "return performance.getEntriesByType('resource').map(e => new URL(e.name).origin);")
     assert set(origins) <= {server}
 
 
@@ -121,7 +123,7 @@ DROP = """const bytes = Uint8Array.from(atob(arguments[0]), c => c.charCodeAt(0)
   document.getElementById('pad').dispatchEvent(new DragEvent('drop', {dataTransfer: files, bubbles: true}));"""
 
 
-def test_dropped_image_file_and_opened_bad_file(server: str, browser, tmp_path: Path) -> None:
+def test_dropped_image_file_and_opened_bad_file(server: str, browser: Any, tmp_path: Path) -> None:
     from selenium.webdriver.common.by import By
 
     from bnpipe.serve.samples import write_samples

@@ -6,7 +6,9 @@ a misspelt field in `triton_config` fails these tests.
 
 from __future__ import annotations
 
+from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import pytest
 from google.protobuf import json_format, text_format
@@ -22,7 +24,7 @@ PIXELS = TensorSpec("pixels", "UINT8", (-1, 1, 28, 28))
 LOGITS = TensorSpec("logits", "FP32", (-1, 10))
 
 
-def parse_both(config: dict) -> model_config_pb2.ModelConfig:
+def parse_both(config: dict[str, Any]) -> model_config_pb2.ModelConfig:
     """Parse the rendered config.pbtxt and the JSON dict with Triton's schema; they must agree."""
     from_text = text_format.Parse(render_pbtxt(config), model_config_pb2.ModelConfig())
     from_json = json_format.ParseDict(config, model_config_pb2.ModelConfig())
@@ -91,7 +93,7 @@ def test_tensor_specs_from_onnxruntime_args() -> None:
         tensor_specs([SimpleNamespace(name="s", type="seq(tensor(float))", shape=[])])
 
 
-def test_tensor_specs_of_the_exported_model(exported_models: dict) -> None:
+def test_tensor_specs_of_the_exported_model(exported_models: dict[str, Path]) -> None:
     import onnxruntime as ort
 
     session = ort.InferenceSession(str(exported_models["onnx_folded"]), providers=["CPUExecutionProvider"])
@@ -109,7 +111,7 @@ def test_tensor_specs_of_the_exported_model(exported_models: dict) -> None:
     ({"inputs": [TensorSpec("pixels", "UINT8", (1, 28, 28))]}, "no dynamic batch axis"),
     ({"inputs": [TensorSpec("pixels", "UINT8", (-1, 1, -1, -1))]}, "no warm-up input"),
 ])  # fmt: skip
-def test_bad_arguments_are_one_line_errors(kwargs: dict, message: str) -> None:
+def test_bad_arguments_are_one_line_errors(kwargs: dict[str, Any], message: str) -> None:
     args = {"name": "bnpipe", "inputs": [PIXELS], "outputs": [LOGITS], **kwargs}
     with pytest.raises(BnpipeError, match=message) as info:
         triton_config(args.pop("name"), args.pop("inputs"), args.pop("outputs"), **args)

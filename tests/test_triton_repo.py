@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -68,7 +69,7 @@ def test_find_model_takes_the_folder_name_when_the_config_has_none(repo: Path) -
     (lambda r: (r / "digits/config.pbtxt").rename(r / "digits/config.txt"), r"found no \*/config.pbtxt"),
     (lambda r: (r / "two").mkdir() or (r / "two/config.pbtxt").write_text(""), "found digits, two"),
 ])  # fmt: skip
-def test_bad_repositories_are_one_line_errors(repo: Path, breakage, message: str) -> None:
+def test_bad_repositories_are_one_line_errors(repo: Path, breakage: Callable[[Path], object], message: str) -> None:
     breakage(repo)
     with pytest.raises(BnpipeError, match=message) as info:
         find_model(repo)
