@@ -24,7 +24,7 @@ BACKEND = "onnxruntime"
 CONFIG_FILE = "config.pbtxt"
 MODEL_FILE = "model.onnx"  # Triton's default_model_filename for onnxruntime_onnx
 TRITON_DEVICES = ("gpu", "cpu")
-# onnxruntime element type -> the V2 protocol's datatype; Triton's config type is "TYPE_" + it.
+# onnxruntime element type -> the V2 protocol's datatype; Triton's config type is `config_type` of it.
 ORT_TO_V2 = {
     "tensor(bool)": "BOOL", "tensor(uint8)": "UINT8", "tensor(uint16)": "UINT16", "tensor(uint32)": "UINT32",
     "tensor(uint64)": "UINT64", "tensor(int8)": "INT8", "tensor(int16)": "INT16", "tensor(int32)": "INT32",
@@ -67,6 +67,11 @@ def tensor_specs(args: Sequence[Any]) -> list[TensorSpec]:
     return specs
 
 
+def config_type(datatype: str) -> str:
+    """Triton's config ``data_type`` for a V2 datatype: ``TYPE_`` + it, except BYTES, which is TYPE_STRING."""
+    return "TYPE_STRING" if datatype == "BYTES" else f"TYPE_{datatype}"
+
+
 def preferred_batch_sizes(max_batch_size: int) -> list[int]:
     """Batch sizes the dynamic batcher aims for: 16, 64, 256, ... below the maximum, and the maximum.
 
@@ -105,7 +110,7 @@ def _warmup(inputs: Sequence[TensorSpec], batch_size: int) -> dict[str, Any]:
         dims = _dims(spec)
         if any(d < 0 for d in dims):
             raise BnpipeError(f"tensor '{spec.name}': dims {dims} are not fixed, so no warm-up input can be made")
-        tensors[spec.name] = {"data_type": f"TYPE_{spec.datatype}", "dims": dims, "zero_data": True}
+        tensors[spec.name] = {"data_type": config_type(spec.datatype), "dims": dims, "zero_data": True}
     return {"name": f"zeros_batch_{batch_size}", "batch_size": batch_size, "inputs": tensors, "count": 1}
 
 
@@ -140,8 +145,8 @@ def triton_config(name: str, inputs: Sequence[TensorSpec], outputs: Sequence[Ten
         "name": name,
         "platform": PLATFORM,
         "max_batch_size": max_batch_size,
-        "input": [{"name": s.name, "data_type": f"TYPE_{s.datatype}", "dims": _dims(s)} for s in inputs],
-        "output": [{"name": s.name, "data_type": f"TYPE_{s.datatype}", "dims": _dims(s)} for s in outputs],
+        "input": [{"name": s.name, "data_type": config_type(s.datatype), "dims": _dims(s)} for s in inputs],
+        "output": [{"name": s.name, "data_type": config_type(s.datatype), "dims": _dims(s)} for s in outputs],
         "dynamic_batching": {"preferred_batch_size": preferred, "max_queue_delay_microseconds": max_queue_delay_us},
         "instance_group": [{"kind": f"KIND_{device.upper()}", "count": instances}],
     }

@@ -17,7 +17,7 @@ from tritonclient.grpc import model_config_pb2
 from bnpipe.errors import BnpipeError
 from bnpipe.serve.runtime import CUDA_OPTIONS
 from bnpipe.serve.triton_config import (
-    TensorSpec, preferred_batch_sizes, render_pbtxt, tensor_specs, triton_config,
+    ORT_TO_V2, TensorSpec, config_type, preferred_batch_sizes, render_pbtxt, tensor_specs, triton_config,
 )  # fmt: skip
 
 PIXELS = TensorSpec("pixels", "UINT8", (-1, 1, 28, 28))
@@ -77,6 +77,14 @@ def test_schema_refuses_a_misspelt_field(typo: tuple[str, str]) -> None:
                                                    (1000, [16, 64, 256, 1000])])
 def test_preferred_batch_sizes(largest: int, preferred: list[int]) -> None:
     assert preferred_batch_sizes(largest) == preferred
+
+
+def test_every_onnxruntime_type_has_a_triton_config_type() -> None:
+    """Each datatype `tensor_specs` can produce is one Triton's schema knows (BYTES is TYPE_STRING)."""
+    specs = [TensorSpec(f"t{i}", v2, (-1, 2)) for i, v2 in enumerate(ORT_TO_V2.values())]
+    cfg = parse_both(triton_config("all", specs, [LOGITS]))
+    names = [model_config_pb2.DataType.Name(i.data_type) for i in cfg.input]
+    assert names == [config_type(s.datatype) for s in specs] and "TYPE_STRING" in names
 
 
 def test_strings_are_escaped() -> None:
