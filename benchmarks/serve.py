@@ -44,54 +44,6 @@ BIN = Path(sys.executable).parent
 CONCURRENCY = (1, 8, 64)
 THROUGHPUT_VS_TRITON, VS_CEILING, CPU_VS_TRITON, READY_VS_PREDICT = 1.3, 0.85, 0.5, 2.0
 
-PYTRITON_SERVER = """
-import sys, numpy as np, onnxruntime as ort
-from pytriton.decorators import batch
-from pytriton.model_config import DynamicBatcher, ModelConfig, Tensor
-from pytriton.triton import Triton, TritonConfig
-model, port, threads = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-options = ort.SessionOptions()
-options.intra_op_num_threads = threads
-options.inter_op_num_threads = 1
-options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
-@batch
-def infer(pixels):
-    return {"logits": session.run(["logits"], {"pixels": pixels})[0]}
-config = TritonConfig(http_address="127.0.0.1", http_port=port, grpc_address="127.0.0.1", grpc_port=port + 1,
-                      metrics_port=port + 2, log_verbose=0)
-with Triton(config=config) as triton:
-    triton.bind(model_name="bnpipe", infer_func=infer, inputs=[Tensor(name="pixels", dtype=np.uint8, shape=(1, 28, 28))],
-                outputs=[Tensor(name="logits", dtype=np.float32, shape=(10,))],
-                config=ModelConfig(max_batch_size=256, batcher=DynamicBatcher(max_queue_delay_microseconds=500)))
-    triton.serve()
-"""
-
-BARE_APP = """
-import json, sys, numpy as np, uvicorn
-from starlette.applications import Starlette
-from starlette.responses import Response
-from starlette.routing import Route
-HEADER = json.dumps({"model_name": "bnpipe", "model_version": "1", "outputs": [{"name": "logits", "datatype": "FP32",
-                     "shape": [1, 10], "parameters": {"binary_data_size": 40}}]}).encode()
-FIXED = HEADER + bytes(40)
-async def infer(request):
-    body = await request.body()
-    size = int(request.headers.get("inference-header-content-length", len(body)))
-    header = json.loads(body[:size])
-    tensor = header["inputs"][0]
-    np.frombuffer(body, np.uint8, tensor["parameters"]["binary_data_size"], size).reshape(tensor["shape"])
-    return Response(FIXED, headers={"Inference-Header-Content-Length": str(len(HEADER))},
-                    media_type="application/octet-stream")
-async def ready(request):
-    return Response(b"")
-app = Starlette(routes=[Route("/v2/models/{name}/infer", infer, methods=["POST"]),
-                        Route("/v2/models/{name}/ready", ready)])
-uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[1]), loop="uvloop", http="httptools", log_level="warning",
-            access_log=False)
-"""
-
-
 def free_port(span: int = 1) -> int:
     """A port with ``span`` free ports from it (PyTriton takes three: HTTP, gRPC, metrics)."""
     for _ in range(50):
@@ -233,14 +185,16 @@ def servers(args: argparse.Namespace) -> dict[str, tuple[list[str], dict[str, st
     bnpipe = [str(BIN / "bnpipe"), "serve", "--model", args.model, "--device", args.device]
     libdir = sysconfig.get_config_var("LIBDIR")  # PyTriton's stub loads the running Python's libpython
     env = {**os.environ, "LD_LIBRARY_PATH": f"{libdir}:{os.environ.get('LD_LIBRARY_PATH', '')}"}
-    found = {"bnpipe serve": (bnpipe, None, 1), "bnpipe serve --max-batch-size 1": (bnpipe + ["--max-batch-size", "1"],
-                                                                                   None, 1),
-             "bare Starlette ceiling": ([sys.executable, "-c", BARE_APP], None, 1)}
+    peers = str(HERE / "serve_peers.py")
+    found = {"bnpipe serve": (bnpipe, None, 1),
+             "bnpipe serve --max-batch-size 1": (bnpipe + ["--max-batch-size", "1"], None, 1),
+             "bnpipe serve --threads 0": (bnpipe + ["--threads", "0"], None, 1),
+             "bare Starlette ceiling": ([sys.executable, peers, "bare"], None, 1)}
     if Path(args.triton_python).exists():
-        found["Triton (PyTriton)"] = ([args.triton_python, "-c", PYTRITON_SERVER, args.model], env, 3)
+        found["Triton (PyTriton)"] = ([args.triton_python, peers, "triton", args.model], env, 3)
     else:
         print(f"no {args.triton_python}: Triton is not measured (see the setup line in this script's docstring)")
-    return found
+    return {k: v for k, v in found.items() if not args.only or any(o in k for o in args.only)}
 
 
 def main() -> int:
@@ -254,6 +208,8 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=2, help="rounds over all servers; medians are reported")
     parser.add_argument("--ready-repeats", type=int, default=5)
     parser.add_argument("--concurrency", type=int, nargs="+", default=list(CONCURRENCY))
+    parser.add_argument("--only", nargs="+", help="measure only the servers whose names contain one of these")
+    parser.add_argument("--no-ready", action="store_true", help="skip the time-to-ready measurement")
     args = parser.parse_args()
     print(f"machine: {os.cpu_count()} CPUs, {len(os.sched_getaffinity(0))} usable, load average "
           f"{os.getloadavg()[0]:.2f}; model {args.model}, --device {args.device}")
@@ -288,18 +244,24 @@ def main() -> int:
             missed.append(label)
 
     top = max(args.concurrency)
-    ours = med[("bnpipe serve", top)]
-    if ("Triton (PyTriton)", top) in med:
+    ours = med.get(("bnpipe serve", top))
+    if ours and ("Triton (PyTriton)", top) in med:
         triton = med[("Triton (PyTriton)", top)]
         check(f"throughput vs Triton at c{top}", ours["rps"] / triton["rps"], THROUGHPUT_VS_TRITON, True)
         check(f"p99 vs Triton at c{top}", ours["p99"] / triton["p99"], 1.0, False)
         check(f"CPU time per request vs Triton at c{top}", ours["cpu_us"] / triton["cpu_us"], CPU_VS_TRITON, False)
-    check(f"throughput vs the bare-stack ceiling at c{top}",
-          ours["rps"] / med[("bare Starlette ceiling", top)]["rps"], VS_CEILING, True)
+    if ours and ("bare Starlette ceiling", top) in med:
+        check(f"throughput vs the bare-stack ceiling at c{top}",
+              ours["rps"] / med[("bare Starlette ceiling", top)]["rps"], VS_CEILING, True)
     for c in args.concurrency:
-        one = med[("bnpipe serve --max-batch-size 1", c)]
+        one = med.get(("bnpipe serve --max-batch-size 1", c))
+        if one is None or ("bnpipe serve", c) not in med:
+            continue
         check(f"throughput batching vs --max-batch-size 1 at c{c}", med[("bnpipe serve", c)]["rps"] / one["rps"],
               1.0 if args.device == "cpu" else 2.0, True)
+    if args.no_ready:
+        print("all targets met" if not missed else f"MISSED: {', '.join(missed)}")
+        return 1 if missed else 0
     from bnpipe.serve.samples import read_idx
 
     with tempfile.TemporaryDirectory(prefix="bnpipe-bench-") as tmp:

@@ -21,7 +21,6 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import FileResponse, Response
 from starlette.routing import Route
-from starlette.types import Message, Receive, Scope, Send
 
 from bnpipe import __version__
 from bnpipe.errors import one_line
@@ -64,7 +63,7 @@ def error(message: str, status: int, headers: dict[str, str] | None = None) -> R
 
 
 def ok_json(content: Any) -> Response:
-    return Response(json.dumps(content, separators=(",", ":")).encode(), 200, media_type=JSON)
+    return Response(json.dumps(content).encode(), 200, media_type=JSON)
 
 
 def _model(state: ServeState, request: Request) -> None:
@@ -110,17 +109,22 @@ def _answer(request: Request, body: bytes, media_type: str, headers: dict[str, s
 def build_app(state: ServeState) -> Starlette:
     """The ASGI app serving ``state``'s model. The batcher starts and stops with the app's lifespan."""
 
-    def handler(fn: Callable[[ServeState, Request], Awaitable[Response]]) -> Callable[[Request], Awaitable[Response]]:
+    def route(path: str, fn: Callable[[ServeState, Request], Awaitable[Response]], method: str) -> Route:
+        count = state.metrics.request
+
         async def endpoint(request: Request) -> Response:
             try:
-                return await fn(state, request)
+                response = await fn(state, request)
             except V2Error as exc:
-                return error(str(exc), exc.status)
+                response = error(str(exc), exc.status)
             except Exception as exc:  # noqa: BLE001 - a fault of ours: one line in the log and the answer
                 message = f"internal error: {one_line(exc)}"
                 print(f"bnpipe: error: {request.method} {request.url.path[:200]}: {message}", file=sys.stderr)
-                return error(message, 500)
-        return endpoint
+                response = error(message, 500)
+            count(path, method, response.status_code)
+            return response
+
+        return Route(path, endpoint, methods=[method])
 
     async def live(state: ServeState, request: Request) -> Response:
         return Response(b"", 200)
@@ -182,16 +186,13 @@ def build_app(state: ServeState) -> Starlette:
     async def metrics(state: ServeState, request: Request) -> Response:
         return Response(state.metrics.render(), 200, media_type=CONTENT_TYPE)
 
-    model_routes = [("", metadata, "GET"), ("/ready", model_ready, "GET"), ("/config", config, "GET"),
-                    ("/infer", infer, "POST")]
-    routes = [Route("/v2/health/live", handler(live), methods=["GET"]),
-              Route("/v2/health/ready", handler(ready), methods=["GET"]),
-              Route("/v2", handler(server), methods=["GET"]),
-              Route("/v1/predict", handler(predict), methods=["POST"]),
-              Route("/", handler(page), methods=["GET"]),
-              Route("/metrics", handler(metrics), methods=["GET"])]
-    for base in ("/v2/models/{name}", "/v2/models/{name}/versions/{version}"):
-        routes += [Route(base + tail, handler(fn), methods=[method]) for tail, fn, method in model_routes]
+    model_routes = [("/infer", infer, "POST"), ("", metadata, "GET"), ("/ready", model_ready, "GET"),
+                    ("/config", config, "GET")]
+    routes = [route(base + tail, fn, method) for tail, fn, method in model_routes  # infer first: matched first
+              for base in ("/v2/models/{name}", "/v2/models/{name}/versions/{version}")]
+    routes += [route("/v2/health/live", live, "GET"), route("/v2/health/ready", ready, "GET"),
+               route("/v2", server, "GET"), route("/v1/predict", predict, "POST"), route("/", page, "GET"),
+               route("/metrics", metrics, "GET")]
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -204,32 +205,12 @@ def build_app(state: ServeState) -> Starlette:
             state.batcher.stop()
 
     async def http_error(request: Request, exc: Exception) -> Response:
+        """The router's own refusals: 404 for no route, 405 for a route's wrong method."""
         assert isinstance(exc, HTTPException)
+        matched = request.scope.get("route")
+        state.metrics.request(matched.path if matched is not None else "unmatched", request.method, exc.status_code)
         return error(exc.detail if exc.status_code != 404 else f"no route {request.url.path[:200]}",
                      exc.status_code, dict(exc.headers or {}))
 
-    app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={HTTPException: http_error})
-    return count_requests(app, state.metrics)  # type: ignore[return-value]
+    return Starlette(routes=routes, lifespan=lifespan, exception_handlers={HTTPException: http_error})
 
-
-def count_requests(app: Any, metrics: Metrics) -> Callable[[Scope, Receive, Send], Awaitable[None]]:
-    """Wrap an ASGI app so that each HTTP answer is counted by route template, method and status."""
-
-    async def counted(scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            return await app(scope, receive, send)
-        status = 500
-
-        async def send_status(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
-        try:
-            await app(scope, receive, send_status)
-        finally:
-            route = scope.get("route")
-            metrics.request(route.path if route is not None else "unmatched", scope["method"], status)
-
-    return counted

@@ -47,7 +47,7 @@ def listen(host: str, port: int) -> socket.socket:
 
 
 def load(model_path: str, name: str | None, device: str, max_batch: int, max_delay_us: int, max_queue: int,
-         max_body: int) -> Any:
+         max_body: int, threads: int | None = 1) -> Any:
     """Load the model, warm it up at each preferred batch size, and build the app's state."""
     import numpy as np
 
@@ -61,7 +61,7 @@ def load(model_path: str, name: str | None, device: str, max_batch: int, max_del
     if max_queue < max_batch:
         raise BnpipeError(f"--max-queue {max_queue} is below --max-batch-size {max_batch}: no full batch could wait")
     onnx_path, model_name, version = resolve_model(model_path, name)
-    model = Model.load(onnx_path, device)
+    model = Model.load(onnx_path, device, threads=threads)
     inputs, outputs = tensor_specs(model.session.get_inputs()), tensor_specs(model.session.get_outputs())
     config = triton_config(model_name, inputs, outputs, max_batch_size=max_batch, max_queue_delay_us=max_delay_us,
                            device="gpu" if model.provider == CUDA else "cpu")
@@ -121,10 +121,13 @@ def _have(module: str, fallback: str) -> str:
               help="The longest a request waits for others to join its batch, in microseconds.")
 @click.option("--max-queue", type=click.IntRange(min=1), default=1024, show_default=True,
               help="Images waiting, at most; past it requests get 503.")
+@click.option("--threads", type=click.IntRange(min=0), default=1, show_default=True,
+              help="onnxruntime intra-op threads on the CPU; 0: one per CPU (up to 4). One leaves a core to the "
+                   "event loop, which is the bottleneck for small batches.")
 @click.option("--max-body-bytes", type=click.IntRange(min=1), default=64 << 20, show_default=True,
               help="Largest request body, before and after inflating; past it 413.")
 def serve(model_path: str, host: str, port: int, device: str, name: str | None, max_batch_size: int,
-          max_queue_delay_us: int, max_queue: int, max_body_bytes: int) -> None:
+          max_queue_delay_us: int, max_queue: int, threads: int, max_body_bytes: int) -> None:
     """Serve the model over HTTP with Triton's protocol (KServe V2), batching concurrent requests.
 
     Routes: /v2/health/{live,ready}, /v2, /v2/models/NAME[/versions/1][/ready|/config|/infer],
@@ -132,7 +135,8 @@ def serve(model_path: str, host: str, port: int, device: str, name: str | None, 
     /metrics (Prometheus). SIGTERM or SIGINT: stop taking requests, answer those in flight, exit 0.
     """
     sock = listen(host, port)
-    state = load(model_path, name, device, max_batch_size, max_queue_delay_us, max_queue, max_body_bytes)
+    state = load(model_path, name, device, max_batch_size, max_queue_delay_us, max_queue, max_body_bytes,
+                 threads or None)
     bound = sock.getsockname()[1]
     shown = f"[{host}]" if ":" in host else host
     serve_forever(state, sock, f"http://{shown}:{bound}")

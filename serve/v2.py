@@ -24,6 +24,9 @@ DTYPES: dict[str, np.dtype] = {name: np.dtype(t) for name, t in [
     ("INT8", np.int8), ("INT16", np.int16), ("INT32", np.int32), ("INT64", np.int64), ("FP16", np.float16),
     ("FP32", np.float32), ("FP64", np.float64)]}
 
+_V2_NAMES = {t: name for name, t in DTYPES.items()}
+_ENCODER = json.JSONEncoder(separators=(",", ":"))  # json.dumps with arguments builds one per call
+
 
 class V2Error(Exception):
     """A request the server refuses: ``status`` is the HTTP code, the message one line."""
@@ -42,20 +45,28 @@ class InferRequest:
     outputs: list[tuple[str, bool]] = field(default_factory=list)  # (name, as binary data), in order
 
 
-def _shape(value: Any, where: str) -> tuple[int, ...]:
-    if not isinstance(value, list) or not all(isinstance(d, int) and not isinstance(d, bool) for d in value):
+def _shape(value: Any, where: str) -> list[int]:
+    # Plain loops and exact type checks: this runs for every request (bool is not an int here).
+    if type(value) is not list:
         raise V2Error(f"{where}: 'shape' must be a list of integers, got {json.dumps(value)[:80]}")
     for d in value:
+        if type(d) is not int:
+            raise V2Error(f"{where}: 'shape' must be a list of integers, got {json.dumps(value)[:80]}")
         if d <= 0:
             raise V2Error(f"{where}: shape {value} has a non-positive dim {d}")
-    return tuple(value)
+    return value
 
 
-def _check_shape(shape: tuple[int, ...], spec: TensorSpec, model: str, max_batch: int) -> None:
-    fits = len(shape) == len(spec.shape) and all(w in (-1, d) for w, d in zip(spec.shape, shape))
+def _check_shape(shape: list[int], spec: TensorSpec, model: str, max_batch: int) -> None:
+    expected = spec.shape
+    fits = len(shape) == len(expected)
+    if fits:
+        for want, got in zip(expected, shape):
+            if want != got and want != -1:
+                fits = False
     if not fits:
         raise V2Error(f"unexpected shape for input '{spec.name}' for model '{model}'. Expected "
-                      f"{list(spec.shape)}, got {list(shape)}")
+                      f"{list(expected)}, got {shape}")
     if shape[0] > max_batch:
         raise V2Error(f"inference request batch-size must be <= {max_batch} for '{model}', got {shape[0]}")
 
@@ -228,17 +239,17 @@ def encode_infer(model: str, version: str, request_id: str | None,
     if request_id is not None:
         response["id"] = request_id
     response["outputs"] = entries
-    header = json.dumps(response, separators=(",", ":")).encode()
+    header = _ENCODER.encode(response).encode()
     if not chunks:
         return header, None
     return b"".join([header, *chunks]), len(header)
 
 
 def _v2_type(dtype: np.dtype) -> str:
-    for name, t in DTYPES.items():
-        if t == dtype:
-            return name
-    raise ValueError(f"no V2 datatype for numpy {dtype}")
+    try:
+        return _V2_NAMES[dtype]
+    except KeyError:
+        raise ValueError(f"no V2 datatype for numpy {dtype}") from None
 
 
 def error_body(message: str) -> bytes:
