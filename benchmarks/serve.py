@@ -188,7 +188,6 @@ def servers(args: argparse.Namespace) -> dict[str, tuple[list[str], dict[str, st
     peers = str(HERE / "serve_peers.py")
     found = {"bnpipe serve": (bnpipe, None, 1),
              "bnpipe serve --max-batch-size 1": (bnpipe + ["--max-batch-size", "1"], None, 1),
-             "bnpipe serve --threads 0": (bnpipe + ["--threads", "0"], None, 1),
              "bare Starlette ceiling": ([sys.executable, peers, "bare"], None, 1)}
     if Path(args.triton_python).exists():
         found["Triton (PyTriton)"] = ([args.triton_python, peers, "triton", args.model], env, 3)

@@ -61,7 +61,6 @@ class Batcher:
         self._queue: collections.deque[_Pending] = collections.deque()
         self._cond = threading.Condition(threading.Lock())
         self._stopping = False
-        self._idle = False  # the worker sleeps on an empty queue
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
 
@@ -86,11 +85,7 @@ class Batcher:
             self._queue.append(_Pending(pixels, future, time.perf_counter()))
             self.queued += n
             self.busy += 1
-            # Wake the worker only when that changes what it does: it sleeps on an empty queue, or
-            # its batch is now full. While it waits out the delay, every wake-up would cost a GIL
-            # hand-off between it and the loop for nothing.
-            if self._idle or self.queued >= self.max_batch:
-                self._cond.notify()
+            self._cond.notify()
         return future
 
     def stop(self, timeout: float = 30.0) -> None:
@@ -107,9 +102,7 @@ class Batcher:
             while not self._queue:
                 if self._stopping:
                     return None
-                self._idle = True
                 self._cond.wait()
-                self._idle = False
             deadline = self._queue[0].arrived + self.max_delay
             # Wait for others only while other requests are in service (busy > queued: their
             # clients will send again): a request alone, as at concurrency 1, runs at once.

@@ -47,7 +47,7 @@ def listen(host: str, port: int) -> socket.socket:
 
 
 def load(model_path: str, name: str | None, device: str, max_batch: int, max_delay_us: int, max_queue: int,
-         max_body: int, threads: int | None = 1) -> Any:
+         max_body: int, threads: int | None = None) -> Any:
     """Load the model, warm it up at each preferred batch size, and build the app's state."""
     import numpy as np
 
@@ -121,9 +121,8 @@ def _have(module: str, fallback: str) -> str:
               help="The longest a request waits for others to join its batch, in microseconds.")
 @click.option("--max-queue", type=click.IntRange(min=1), default=1024, show_default=True,
               help="Images waiting, at most; past it requests get 503.")
-@click.option("--threads", type=click.IntRange(min=0), default=1, show_default=True,
-              help="onnxruntime intra-op threads on the CPU; 0: one per CPU (up to 4). One leaves a core to the "
-                   "event loop, which is the bottleneck for small batches.")
+@click.option("--threads", type=click.IntRange(min=0), default=0, show_default=True,
+              help="onnxruntime intra-op threads on the CPU; 0: one per usable CPU, at most 4.")
 @click.option("--max-body-bytes", type=click.IntRange(min=1), default=64 << 20, show_default=True,
               help="Largest request body, before and after inflating; past it 413.")
 def serve(model_path: str, host: str, port: int, device: str, name: str | None, max_batch_size: int,
