@@ -7,10 +7,13 @@ Servers, each started on 127.0.0.1 and stopped by its pid:
       file through an onnxruntime session in its bound Python callable, dynamic batching on (max
       batch 256, 500 us delay). PyTriton pins numpy<2, so it runs from a venv of its own;
   (d) the HTTP stack's ceiling: a bare Starlette app on uvicorn (uvloop, httptools), defined
-      here, that parses the V2 request and answers fixed bytes without running a model.
+      in benchmarks/serve_peers.py with (c), that parses the V2 request and answers fixed bytes
+      without running a model.
 Load: benchmarks/serve_load.py processes of Python threads calling tritonclient.http `infer`
 synchronously on one [1, 1, 28, 28] image, binary both ways (1 process at concurrency 1, else 2:
-one tritonclient process saturates near 3,300 requests/s). Rounds alternate the servers.
+one tritonclient process saturates near 3,300 requests/s). Rounds alternate the servers; the
+table gives medians over rounds. Server CPU time per request is its process tree's user+system
+time over the requests completed in the measured window.
 
 Targets at concurrency 64: throughput >= 1.3x Triton's with p99 no worse; >= 0.85x the ceiling;
 batching never slower than --max-batch-size 1 on the CPU; server CPU time per request <= 0.5x
@@ -18,7 +21,7 @@ Triton's. Time to ready (launch to GET /v2/health/ready 200) <= 2x the cold star
 `bnpipe predict one.png`.
 
 Usage: python benchmarks/serve.py [--model models/bn_convnet.onnx] [--data ../shared/data]
-       [--triton-python .venv-pytriton/bin/python] [--duration 3] [--rounds 2]
+       [--triton-python .venv-pytriton/bin/python] [--duration 2] [--rounds 3]
 Setup for (c): python3 -m venv .venv-pytriton && .venv-pytriton/bin/pip install nvidia-pytriton onnxruntime-gpu
 Exits 1 if a target is missed.
 """
@@ -202,9 +205,9 @@ def main() -> int:
     parser.add_argument("--data", default=os.environ.get("BNPIPE_DATA", "../shared/data"))
     parser.add_argument("--device", default="cpu", choices=["auto", "cuda", "cpu"])
     parser.add_argument("--triton-python", default=".venv-pytriton/bin/python")
-    parser.add_argument("--duration", type=float, default=3.0, help="measured seconds per point")
+    parser.add_argument("--duration", type=float, default=2.0, help="measured seconds per point")
     parser.add_argument("--warmup", type=float, default=0.5)
-    parser.add_argument("--rounds", type=int, default=2, help="rounds over all servers; medians are reported")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds over all servers; medians are reported")
     parser.add_argument("--ready-repeats", type=int, default=5)
     parser.add_argument("--concurrency", type=int, nargs="+", default=list(CONCURRENCY))
     parser.add_argument("--only", nargs="+", help="measure only the servers whose names contain one of these")
