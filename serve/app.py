@@ -10,7 +10,7 @@ import contextlib
 import json
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +52,6 @@ class ServeState:
     metrics: Metrics
     max_body: int
     ready: bool = True  # False from the first SIGTERM or SIGINT on: ready and infer answer 503
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def error(message: str, status: int, headers: dict[str, str] | None = None) -> Response:
@@ -63,6 +62,7 @@ def error(message: str, status: int, headers: dict[str, str] | None = None) -> R
 
 
 def ok_json(content: Any) -> Response:
+    """A 200 answer with ``content`` as JSON."""
     return Response(json.dumps(content).encode(), 200, media_type=JSON)
 
 

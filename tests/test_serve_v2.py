@@ -151,3 +151,38 @@ def test_bad_encodings_are_400(data: bytes, encoding: str, message: str) -> None
 ])
 def test_accepted_encoding(header: str | None, expected: str | None) -> None:
     assert accepted_encoding(header) == expected
+
+
+def test_mutated_requests_only_ever_raise_v2error() -> None:
+    """2,000 seeded mutations of a valid request: each parses or is a one-line V2Error, nothing else."""
+    import random
+
+    rng = random.Random(0)
+    values = [None, True, False, 0, -1, 1, 2**70, 1.5, "", "x", "pixels", "UINT8", "logits", [], {}, [1],
+              [1, 1, 28, 28], {"binary_data_size": 784}, {"binary_data": True}, {"classification": 2}, [[1]]]
+
+    def mutate(obj: Any, depth: int = 0) -> Any:
+        if isinstance(obj, dict):
+            obj = dict(obj)
+            key = rng.choice([*obj, "new"])
+            if rng.random() < 0.2:
+                obj.pop(key, None)
+            else:
+                obj[key] = mutate(obj.get(key), depth + 1) if rng.random() < 0.5 and depth < 4 else rng.choice(values)
+            return obj
+        if isinstance(obj, list) and obj and depth < 4:
+            obj = list(obj)
+            i = rng.randrange(len(obj))
+            obj[i] = mutate(obj[i], depth + 1)
+            return obj
+        return rng.choice(values)
+
+    base = {"id": "a", "inputs": [pixels_input([1, 1, 28, 28], parameters={"binary_data_size": 784})],
+            "outputs": [{"name": "logits", "parameters": {"binary_data": True}}]}
+    for _ in range(2000):
+        head = json.dumps(mutate(mutate(base))).encode()
+        try:
+            parse_infer(head + bytes(rng.choice([0, 783, 784])), rng.choice([len(head), None, 0]), "m", INPUTS,
+                        OUTPUTS, 8)
+        except V2Error as exc:
+            assert "\n" not in str(exc)
