@@ -11,11 +11,14 @@ import signal
 import socket
 import sys
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING
 
 import click
 
 from bnpipe.serve.runtime import DEVICES
+
+if TYPE_CHECKING:  # the app's modules load only when serving: `bnpipe serve --help` stays fast
+    from bnpipe.serve.app import ServeState
 
 DEFAULT_MODEL = "models/bn_convnet.onnx"
 
@@ -47,7 +50,7 @@ def listen(host: str, port: int) -> socket.socket:
 
 
 def load(model_path: str, name: str | None, device: str, max_batch: int, max_delay_us: int, max_queue: int,
-         max_body: int, threads: int | None = None) -> Any:
+         max_body: int, threads: int | None = None) -> ServeState:
     """Load the model, warm it up at each preferred batch size, and build the app's state."""
     import numpy as np
 
@@ -73,7 +76,7 @@ def load(model_path: str, name: str | None, device: str, max_batch: int, max_del
     return ServeState(model, model_name, version, inputs, outputs, config, batcher, metrics, max_body)
 
 
-def serve_forever(state: Any, sock: socket.socket, url: str) -> None:
+def serve_forever(state: ServeState, sock: socket.socket, url: str) -> None:
     """Run the server on ``sock`` until SIGTERM or SIGINT; return once it has drained."""
     import uvicorn
 
