@@ -223,7 +223,7 @@ def main() -> int:
             cmd, env, span = plan[name]
             port = free_port(span)
             if name.startswith("Triton"):
-                cmd = cmd + [str(port), str(min(4, len(os.sched_getaffinity(0))))]
+                cmd = cmd + [str(port), str(min(4, len(os.sched_getaffinity(0)))), args.device]
             elif name.startswith("bare"):
                 cmd = cmd + [str(port)]
             else:

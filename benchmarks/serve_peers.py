@@ -4,9 +4,9 @@
 (uvloop, httptools: bnpipe serve's stack) that parses the V2 request (JSON header, binary tensor)
 and answers fixed bytes, running no model.
 
-``.venv-pytriton/bin/python serve_peers.py triton MODEL PORT THREADS``: NVIDIA Triton Inference
-Server from the pip package nvidia-pytriton (its own venv: it pins numpy<2), serving MODEL through
-an onnxruntime CPU session in its bound Python callable, with dynamic batching (max batch 256,
+``.venv-pytriton/bin/python serve_peers.py triton MODEL PORT THREADS DEVICE``: NVIDIA Triton
+Inference Server from the pip package nvidia-pytriton (its own venv: it pins numpy<2), serving MODEL
+through an onnxruntime session (CUDA when DEVICE is cuda, else the CPU) in its bound Python callable, with dynamic batching (max batch 256,
 500 us queue delay, as bnpipe serve's defaults). HTTP on PORT, gRPC on PORT+1, metrics on PORT+2.
 """
 
@@ -47,7 +47,7 @@ def bare(port: int) -> None:
                 access_log=False)
 
 
-def triton(model: str, port: int, threads: int) -> None:
+def triton(model: str, port: int, threads: int, device: str) -> None:
     import numpy as np
     import onnxruntime as ort
     from pytriton.decorators import batch
@@ -58,7 +58,8 @@ def triton(model: str, port: int, threads: int) -> None:
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+    providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device == "cuda" else ["CPUExecutionProvider"]
+    session = ort.InferenceSession(model, options, providers=providers)
 
     @batch
     def infer(pixels: np.ndarray) -> dict[str, np.ndarray]:
@@ -79,4 +80,4 @@ if __name__ == "__main__":
     if sys.argv[1] == "bare":
         bare(int(sys.argv[2]))
     else:
-        triton(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))
+        triton(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5] if len(sys.argv) > 5 else "cpu")
