@@ -22,6 +22,7 @@ COMMANDS: dict[str, str] = {
     "fold": "bnpipe.export.fold_cli:fold",
     "predict": "bnpipe.serve.cli:predict",
     "samples": "bnpipe.serve.samples:samples",
+    "serve": "bnpipe.serve.server_cli:serve",
 }
 
 

@@ -23,8 +23,13 @@ DEFAULT_ONNX = "models/bn_convnet.onnx"
               help="ONNX opset version (the dynamo exporter needs 18 or newer).")
 @click.option("--data", type=click.Path(file_okay=False), default=None,
               help="MNIST root for verification images. Default: $BNPIPE_DATA, else ./data; random pixels if absent.")
+@click.option("--triton-repo", type=click.Path(file_okay=False), default=None,
+              help="Also write a Triton model repository here: NAME/config.pbtxt and NAME/1/model.onnx.")
+@click.option("--triton-device", type=click.Choice(["gpu", "cpu"]), default="gpu", show_default=True,
+              help="The repository's instances: KIND_GPU (with predict's CUDA options) or KIND_CPU.")
+@click.option("--triton-name", default="bnpipe", show_default=True, help="The model's name in the repository.")
 def export(checkpoint: str, out: str, fold_bn: bool, strict: bool, tolerance: float, opset: int,
-           data: str | None) -> None:
+           data: str | None, triton_repo: str | None, triton_device: str, triton_name: str) -> None:
     """Export a checkpoint to ONNX (uint8 pixels in, logits out) and verify it against PyTorch.
 
     The written model is run in onnxruntime on MNIST test images (or random pixels) and compared
@@ -36,6 +41,7 @@ def export(checkpoint: str, out: str, fold_bn: bool, strict: bool, tolerance: fl
     from bnpipe.datadir import resolve_data_root
 
     report = export_checkpoint(checkpoint, out, fold_bn=fold_bn, strict=strict, tolerance=tolerance, opset=opset,
-                               data_root=resolve_data_root(data))
+                               data_root=resolve_data_root(data), triton_repo=triton_repo,
+                               triton_device=triton_device, triton_name=triton_name)
     for line in report.lines():
         click.echo(line)

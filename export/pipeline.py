@@ -18,6 +18,7 @@ from bnpipe.export.onnx_export import (
     DEFAULT_OPSET, PixelsToLogits, build_metadata, compare_logits, graph_stats, load_net, ort_logits,
     set_metadata, to_onnx, torch_reference_logits, verification_pixels, weight_count,
 )  # fmt: skip
+from bnpipe.serve.triton_repo import check_repository_writable, export_repository
 from bnpipe.train.preprocess import Normalization
 
 DEFAULT_TOLERANCE = 1e-4
@@ -38,6 +39,7 @@ class ExportReport:
     seconds: float
     folded: list[tuple[str, str]] = field(default_factory=list)
     left: dict[str, str] = field(default_factory=dict)  # BN name -> why it was not folded
+    triton_model: Path | None = None  # DIR/<name> of the Triton repository written, if any
 
     def lines(self) -> list[str]:
         """The human-readable report, one fact per line."""
@@ -52,6 +54,12 @@ class ExportReport:
         out += [
             f"verified on {self.verified_on}: max |logit diff| {self.max_abs_diff:.3g}, "
             f"argmax agreement {self.argmax_agreement:.2%}",
+        ]
+        if self.triton_model is not None:
+            repo = shlex.quote(str(self.triton_model.parent))
+            out.append(f"wrote Triton model repository {self.triton_model} (config.pbtxt, 1/model.onnx); "
+                       f"serve it: tritonserver --model-repository {repo}, or bnpipe serve --model {repo}")
+        out += [
             f"done in {self.seconds:.1f}s; try: bnpipe predict --model {shlex.quote(str(self.out))} IMAGE...",
         ]
         return out
@@ -65,6 +73,9 @@ def export_checkpoint(
     tolerance: float = DEFAULT_TOLERANCE,
     opset: int = DEFAULT_OPSET,
     data_root: Path | None = None,
+    triton_repo: str | os.PathLike[str] | None = None,
+    triton_device: str = "gpu",
+    triton_name: str = "bnpipe",
 ) -> ExportReport:
     """Export a checkpoint to ONNX, optionally folding BN first, and verify the written file.
 
@@ -80,6 +91,10 @@ def export_checkpoint(
         tolerance: Largest allowed max |logit difference| against PyTorch.
         opset: ONNX opset version.
         data_root: MNIST root whose test images verify the export; random pixels if absent.
+        triton_repo: Also write a Triton model repository here: ``<name>/config.pbtxt`` and a
+            copy of the verified model as ``<name>/1/model.onnx``.
+        triton_device: The repository's instance kind, ``gpu`` or ``cpu``.
+        triton_name: The model's name in the repository.
 
     Raises:
         BnpipeError: Bad checkpoint, refused folding, or a verification failure.
@@ -88,6 +103,8 @@ def export_checkpoint(
     if Path(out).resolve() == Path(checkpoint).resolve():
         raise BnpipeError(f"--out {out}: would overwrite the checkpoint it exports")
     check_writable(out)  # before the exports, not after
+    if triton_repo is not None:
+        check_repository_writable(triton_repo, triton_name, triton_device)
     ckpt, net = load_net(checkpoint)
     norm = Normalization.from_dict(ckpt["preprocessing"])
     size = int(ckpt["arch"]["image_size"])
@@ -116,5 +133,6 @@ def export_checkpoint(
             raise BnpipeError(f"{out}: verification failed, max |logit diff| {diff:.3g} exceeds tolerance "
                               f"{tolerance:g} (argmax agreement {agree:.2%}); no file written")
         size_bytes = tmp.stat().st_size
+    triton_model = None if triton_repo is None else export_repository(triton_repo, out, triton_name, triton_device)
     return ExportReport(Path(out), bn_folded, before, after, size_bytes, diff, agree, source,
-                        time.perf_counter() - t0, folded, left)
+                        time.perf_counter() - t0, folded, left, triton_model)

@@ -1,0 +1,283 @@
+"""Serving targets of `bnpipe serve`, each a ratio against a baseline measured in the same run.
+
+Servers, each started on 127.0.0.1 and stopped by its pid:
+  (a) bnpipe serve (dynamic batching, max batch 256, 500 us delay);
+  (b) bnpipe serve --max-batch-size 1;
+  (c) NVIDIA Triton Inference Server from the pip package nvidia-pytriton, serving the same ONNX
+      file through an onnxruntime session in its bound Python callable, dynamic batching on (max
+      batch 256, 500 us delay). PyTriton pins numpy<2, so it runs from a venv of its own;
+  (d) the HTTP stack's ceiling: a bare Starlette app on uvicorn (uvloop, httptools), defined
+      in benchmarks/serve_peers.py with (c), that parses the V2 request and answers fixed bytes
+      without running a model.
+Load: benchmarks/serve_load.py processes of Python threads calling tritonclient.http `infer`
+synchronously on one [1, 1, 28, 28] image, binary both ways (1 process at concurrency 1, else 2:
+one tritonclient process saturates near 3,300 requests/s). Rounds alternate the servers; the
+table gives medians over rounds. Server CPU time per request is its process tree's user+system
+time over the requests completed in the measured window.
+
+Targets at concurrency 64: throughput >= 1.3x Triton's with p99 no worse; >= 0.85x the ceiling;
+batching never slower than --max-batch-size 1 on the CPU; server CPU time per request <= 0.5x
+Triton's. Time to ready (launch to GET /v2/health/ready 200) <= 2x the cold start of
+`bnpipe predict one.png`.
+
+Usage: python benchmarks/serve.py [--model models/bn_convnet.onnx] [--data ../shared/data]
+       [--triton-python .venv-pytriton/bin/python] [--duration 2] [--rounds 3]
+Setup for (c): python3 -m venv .venv-pytriton && .venv-pytriton/bin/pip install nvidia-pytriton onnxruntime-gpu
+Exits 1 if a target is missed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+BIN = Path(sys.executable).parent
+CONCURRENCY = (1, 8, 64)
+THROUGHPUT_VS_TRITON, VS_CEILING, CPU_VS_TRITON, READY_VS_PREDICT = 1.3, 0.85, 0.5, 2.0
+
+def free_port(span: int = 1) -> int:
+    """A port with ``span`` free ports from it (PyTriton takes three: HTTP, gRPC, metrics)."""
+    for _ in range(50):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port + span < 65535 and all(_free(port + i) for i in range(1, span)):
+            return port
+    raise RuntimeError("no free port")
+
+
+def _free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+            return True
+        except OSError:
+            return False
+
+
+def ready(port: int, timeout: float, path: str = "/v2/health/ready") -> bool:
+    """Poll GET ``path`` until 200; False after ``timeout`` seconds."""
+    end = time.perf_counter() + timeout
+    while time.perf_counter() < end:
+        try:
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=1)
+            conn.request("GET", path)
+            if conn.getresponse().status == 200:
+                return True
+        except OSError:
+            pass
+        finally:
+            conn.close()
+        time.sleep(0.002)
+    return False
+
+
+def cpu_seconds(root: int) -> float:
+    """User+system CPU seconds of process ``root`` and all its descendants (PyTriton runs several)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    stats = {}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            text = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            continue
+        fields = text[text.rindex(")") + 2:].split()  # after "pid (comm) "
+        stats[int(pid)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / tick)  # ppid, utime+stime
+    tree, frontier = {root}, [root]
+    while frontier:
+        parent = frontier.pop()
+        for pid, (ppid, _) in stats.items():
+            if ppid == parent and pid not in tree:
+                tree.add(pid)
+                frontier.append(pid)
+    return sum(stats[p][1] for p in tree if p in stats)
+
+
+class Server:
+    """A server process started in its own process group, stopped by its pid."""
+
+    def __init__(self, name: str, cmd: list[str], port: int, env: dict[str, str] | None = None) -> None:
+        self.name, self.cmd, self.port, self.env = name, cmd, port, env
+
+    def __enter__(self) -> Server:
+        self.log = tempfile.TemporaryFile()
+        self.proc = subprocess.Popen(self.cmd, stdout=self.log, stderr=subprocess.STDOUT, env=self.env,
+                                     start_new_session=True)
+        if not ready(self.port, 120, "/v2/models/bnpipe/ready"):  # Triton loads the model after
+            self.__exit__()
+            self.log.seek(0)
+            sys.exit(f"{self.name} did not become ready: {self.log.read().decode()[-2000:]}")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)  # its own group: PyTriton's tritonserver child too
+            self.proc.wait(10)
+        self.log.close()
+
+
+def load(server: Server, concurrency: int, duration: float, warmup: float) -> dict[str, float]:
+    """Run the load generator at ``concurrency``; return throughput, p50, p99 and CPU per request."""
+    processes = 1 if concurrency == 1 else 2
+    start = time.time() + 1.0  # the generators import tritonclient first
+    measure_from, end = start + warmup, start + warmup + duration
+    gens = [subprocess.Popen([sys.executable, str(HERE / "serve_load.py"), f"127.0.0.1:{server.port}", "bnpipe",
+                              str(concurrency // processes + (i < concurrency % processes)), str(start),
+                              str(measure_from), str(end)], stdout=subprocess.PIPE, text=True)
+            for i in range(processes)]
+    time.sleep(max(0.0, measure_from - time.time()))
+    cpu0 = cpu_seconds(server.proc.pid)
+    time.sleep(max(0.0, end - time.time()))
+    cpu1 = cpu_seconds(server.proc.pid)
+    latencies: list[float] = []
+    errors = 0
+    for gen in gens:
+        out, _ = gen.communicate(timeout=60)
+        result = json.loads(out)
+        latencies += result["latencies"]
+        errors += result["error_count"]
+        if result["errors"]:
+            print(f"  {server.name} c{concurrency}: errors {result['errors']}", file=sys.stderr)
+    latencies.sort()
+    n = len(latencies)
+    return {"rps": n / duration, "p50": latencies[n // 2] * 1e3 if n else float("nan"),
+            "p99": latencies[min(n - 1, int(n * 0.99))] * 1e3 if n else float("nan"),
+            "cpu_us": (cpu1 - cpu0) / n * 1e6 if n else float("nan"), "errors": errors}
+
+
+def time_to_ready(model: str, device: str, one_png: Path, repeats: int) -> tuple[float, float]:
+    """Medians of: launch of `bnpipe serve` to ready 200, and `bnpipe predict one.png`, interleaved."""
+    serve_times, predict_times = [], []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        done = subprocess.run([str(BIN / "bnpipe"), "predict", "--model", model, "--device", device, str(one_png)],
+                              capture_output=True)
+        predict_times.append(time.perf_counter() - t0)
+        if done.returncode != 0:
+            sys.exit(f"bnpipe predict failed: {done.stderr.decode()[-500:]}")
+        port = free_port()
+        t0 = time.perf_counter()
+        proc = subprocess.Popen([str(BIN / "bnpipe"), "serve", "--model", model, "--device", device, "--port",
+                                 str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        up = ready(port, 60)
+        serve_times.append(time.perf_counter() - t0)
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+        if not up:
+            sys.exit("bnpipe serve did not become ready")
+    return statistics.median(serve_times), statistics.median(predict_times)
+
+
+def servers(args: argparse.Namespace) -> dict[str, tuple[list[str], dict[str, str] | None, int]]:
+    """name -> (command, environment, ports it needs)."""
+    bnpipe = [str(BIN / "bnpipe"), "serve", "--model", args.model, "--device", args.device]
+    libdir = sysconfig.get_config_var("LIBDIR")  # PyTriton's stub loads the running Python's libpython
+    env = {**os.environ, "LD_LIBRARY_PATH": f"{libdir}:{os.environ.get('LD_LIBRARY_PATH', '')}"}
+    peers = str(HERE / "serve_peers.py")
+    found = {"bnpipe serve": (bnpipe, None, 1),
+             "bnpipe serve --max-batch-size 1": (bnpipe + ["--max-batch-size", "1"], None, 1),
+             "bare Starlette ceiling": ([sys.executable, peers, "bare"], None, 1)}
+    if Path(args.triton_python).exists():
+        found["Triton (PyTriton)"] = ([args.triton_python, peers, "triton", args.model], env, 3)
+    else:
+        print(f"no {args.triton_python}: Triton is not measured (see the setup line in this script's docstring)")
+    return {k: v for k, v in found.items() if not args.only or any(o in k for o in args.only)}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default="models/bn_convnet.onnx")
+    parser.add_argument("--data", default=os.environ.get("BNPIPE_DATA", "../shared/data"))
+    parser.add_argument("--device", default="cpu", choices=["auto", "cuda", "cpu"])
+    parser.add_argument("--triton-python", default=".venv-pytriton/bin/python")
+    parser.add_argument("--duration", type=float, default=2.0, help="measured seconds per point")
+    parser.add_argument("--warmup", type=float, default=0.5)
+    parser.add_argument("--rounds", type=int, default=3, help="rounds over all servers; medians are reported")
+    parser.add_argument("--ready-repeats", type=int, default=5)
+    parser.add_argument("--concurrency", type=int, nargs="+", default=list(CONCURRENCY))
+    parser.add_argument("--only", nargs="+", help="measure only the servers whose names contain one of these")
+    parser.add_argument("--no-ready", action="store_true", help="skip the time-to-ready measurement")
+    args = parser.parse_args()
+    print(f"machine: {os.cpu_count()} CPUs, {len(os.sched_getaffinity(0))} usable, load average "
+          f"{os.getloadavg()[0]:.2f}; model {args.model}, --device {args.device}")
+    table: dict[tuple[str, int], list[dict[str, float]]] = {}
+    plan = servers(args)
+    for rnd in range(args.rounds):
+        order = list(plan) if rnd % 2 == 0 else list(reversed(plan))
+        for name in order:
+            cmd, env, span = plan[name]
+            port = free_port(span)
+            if name.startswith("Triton"):
+                cmd = cmd + [str(port), str(min(4, len(os.sched_getaffinity(0)))), args.device]
+            elif name.startswith("bare"):
+                cmd = cmd + [str(port)]
+            else:
+                cmd = cmd + ["--port", str(port)]
+            with Server(name, cmd, port, env) as server:
+                load(server, 8, 0.5, 0.2)  # warm: connections, caches, the batcher's first batches
+                for c in args.concurrency:
+                    table.setdefault((name, c), []).append(load(server, c, args.duration, args.warmup))
+    med = {key: {k: statistics.median(r[k] for r in runs) for k in runs[0]} for key, runs in table.items()}
+    print(f"\n{'server':34} {'conc':>4} {'req/s':>8} {'p50 ms':>7} {'p99 ms':>7} {'CPU us/req':>10} {'errors':>6}")
+    for (name, c), m in med.items():
+        print(f"{name:34} {c:>4} {m['rps']:>8,.0f} {m['p50']:>7.2f} {m['p99']:>7.2f} {m['cpu_us']:>10.0f} "
+              f"{m['errors']:>6.0f}")
+    missed = []
+
+    def check(label: str, value: float, target: float, higher: bool) -> None:
+        good = value >= target if higher else value <= target
+        print(f"{label}: {value:.2f}x (target {'>=' if higher else '<='} {target}x) {'ok' if good else 'MISSED'}")
+        if not good:
+            missed.append(label)
+
+    top = max(args.concurrency)
+    ours = med.get(("bnpipe serve", top))
+    if ours and ("Triton (PyTriton)", top) in med:
+        triton = med[("Triton (PyTriton)", top)]
+        check(f"throughput vs Triton at c{top}", ours["rps"] / triton["rps"], THROUGHPUT_VS_TRITON, True)
+        check(f"p99 vs Triton at c{top}", ours["p99"] / triton["p99"], 1.0, False)
+        check(f"CPU time per request vs Triton at c{top}", ours["cpu_us"] / triton["cpu_us"], CPU_VS_TRITON, False)
+    if ours and ("bare Starlette ceiling", top) in med:
+        check(f"throughput vs the bare-stack ceiling at c{top}",
+              ours["rps"] / med[("bare Starlette ceiling", top)]["rps"], VS_CEILING, True)
+    for c in args.concurrency:
+        one = med.get(("bnpipe serve --max-batch-size 1", c))
+        if one is None or ("bnpipe serve", c) not in med:
+            continue
+        check(f"throughput batching vs --max-batch-size 1 at c{c}", med[("bnpipe serve", c)]["rps"] / one["rps"],
+              1.0 if args.device == "cpu" else 2.0, True)
+    if args.no_ready:
+        print("all targets met" if not missed else f"MISSED: {', '.join(missed)}")
+        return 1 if missed else 0
+    from bnpipe.serve.samples import read_idx
+
+    with tempfile.TemporaryDirectory(prefix="bnpipe-bench-") as tmp:
+        from PIL import Image
+
+        one_png = Path(tmp) / "one.png"
+        Image.fromarray(read_idx(Path(args.data) / "MNIST" / "raw" / "t10k-images-idx3-ubyte")[0]).save(one_png)
+        serve_s, predict_s = time_to_ready(args.model, args.device, one_png, args.ready_repeats)
+    print(f"time to ready: bnpipe serve {serve_s:.3f} s, bnpipe predict one.png {predict_s:.3f} s "
+          f"(medians of {args.ready_repeats})")
+    check("time to ready vs predict cold start", serve_s / predict_s, READY_VS_PREDICT, False)
+    print("all targets met" if not missed else f"MISSED: {', '.join(missed)}")
+    return 1 if missed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

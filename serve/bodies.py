@@ -1,0 +1,104 @@
+"""HTTP bodies: reading within a size limit, and gzip/deflate both ways (inflating without a bomb).
+
+Pure functions except `read_body`, which only drains an ASGI request's stream.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import AsyncIterator
+
+from bnpipe.serve.v2 import V2Error
+
+ENCODINGS = ("gzip", "deflate")
+_WBITS = {"gzip": 31, "deflate": 15}  # 31: gzip wrapper; 15: zlib wrapper (HTTP's "deflate", RFC 9110)
+
+
+def too_large(limit: int) -> V2Error:
+    """The 413 for a body over ``limit`` bytes."""
+    return V2Error(f"request body is larger than the limit of {limit} bytes (--max-body-bytes)", 413)
+
+
+async def read_body(chunks: AsyncIterator[bytes], content_length: str | None, limit: int) -> bytes:
+    """Read a request body of at most ``limit`` bytes.
+
+    Args:
+        chunks: The body as it arrives (Starlette's ``request.stream()``).
+        content_length: The Content-Length header, or None (chunked transfer).
+        limit: Bytes allowed.
+
+    Raises:
+        V2Error: 413 as soon as the declared length or the bytes read pass ``limit`` (the rest is
+            not read), 400 for a Content-Length that is not a number.
+    """
+    if content_length is not None:
+        if not content_length.isdigit():
+            raise V2Error(f"Content-Length {content_length[:40]!r} is not a number")
+        if int(content_length) > limit:
+            raise too_large(limit)
+    parts = []
+    size = 0
+    async for chunk in chunks:
+        size += len(chunk)
+        if size > limit:
+            raise too_large(limit)
+        parts.append(chunk)
+    return parts[0] if len(parts) == 1 else b"".join(parts)
+
+
+def inflate(data: bytes, encoding: str, limit: int) -> bytes:
+    """Decode a body sent with ``Content-Encoding: gzip`` or ``deflate``, to at most ``limit`` bytes.
+
+    At most ``limit + 1`` bytes are ever inflated: a small bomb costs no more than the limit.
+    ``deflate`` is the zlib format, as HTTP defines it; raw deflate (what some clients send) is
+    accepted too.
+
+    Raises:
+        V2Error: 413 when the data inflates past ``limit``; 400 for an unknown encoding or data
+            that is not what the encoding says.
+    """
+    encoding = encoding.strip().lower()
+    if encoding in ("", "identity"):
+        return data
+    if encoding not in _WBITS:
+        raise V2Error(f"unsupported Content-Encoding '{encoding[:40]}': use gzip or deflate")
+    error: zlib.error | None = None
+    for wbits in (_WBITS[encoding], -15) if encoding == "deflate" else (_WBITS[encoding],):
+        inflater = zlib.decompressobj(wbits)
+        try:
+            out = inflater.decompress(data, limit + 1)
+        except zlib.error as exc:
+            error = exc
+            continue
+        if len(out) > limit or inflater.unconsumed_tail:
+            raise too_large(limit)
+        if not inflater.eof:
+            raise V2Error(f"the {encoding} body is truncated")
+        if inflater.unused_data:
+            raise V2Error(f"the {encoding} body has {len(inflater.unused_data)} bytes after its end")
+        return out
+    raise V2Error(f"the body is not valid {encoding} data ({error})")
+
+
+def accepted_encoding(accept_encoding: str | None) -> str | None:
+    """The encoding to answer with: the first of gzip and deflate that ``Accept-Encoding`` allows."""
+    if not accept_encoding:
+        return None
+    allowed = {}
+    for item in accept_encoding.lower().split(","):
+        name, _, params = item.strip().partition(";")
+        q = 1.0
+        if params.strip().startswith("q="):
+            try:
+                q = float(params.strip()[2:])
+            except ValueError:
+                q = 0.0
+        allowed[name.strip()] = q
+    candidates = [e for e in ENCODINGS if allowed.get(e, allowed.get("*", 0.0)) > 0]
+    return max(candidates, key=lambda e: allowed.get(e, allowed.get("*", 0.0)), default=None)
+
+
+def compress(data: bytes, encoding: str) -> bytes:
+    """Encode a response body with gzip or deflate (zlib format); level 1: the bodies are small."""
+    compressor = zlib.compressobj(1, zlib.DEFLATED, _WBITS[encoding])
+    return compressor.compress(data) + compressor.flush()

@@ -1,0 +1,273 @@
+"""The Open Inference Protocol (KServe V2, Triton's HTTP/REST) codec: pure functions, no sockets.
+
+`parse_infer` turns the body of `POST /v2/models/{name}/infer` into numpy arrays, with the JSON
+header and the binary tensor data extension (`Inference-Header-Content-Length`, each input's
+``binary_data_size``); `encode_infer` writes the answer the same way. Every fault in a request is
+a `V2Error` carrying the status code Triton answers with and one line saying what is wrong.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from bnpipe.serve.triton_config import TensorSpec  # name, V2 datatype, shape with the batch axis as -1
+
+# V2 datatype -> numpy dtype (BYTES, variable-length strings, is not a tensor type our models take)
+DTYPES: dict[str, np.dtype] = {name: np.dtype(t) for name, t in [
+    ("BOOL", np.bool_), ("UINT8", np.uint8), ("UINT16", np.uint16), ("UINT32", np.uint32), ("UINT64", np.uint64),
+    ("INT8", np.int8), ("INT16", np.int16), ("INT32", np.int32), ("INT64", np.int64), ("FP16", np.float16),
+    ("FP32", np.float32), ("FP64", np.float64)]}
+
+_V2_NAMES = {t: name for name, t in DTYPES.items()}
+_ENCODER = json.JSONEncoder(separators=(",", ":"))  # json.dumps with arguments builds one per call
+
+
+class V2Error(Exception):
+    """A request the server refuses: ``status`` is the HTTP code, the message one line."""
+
+    def __init__(self, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass
+class InferRequest:
+    """A parsed inference request: the arrays by input name and the outputs asked for."""
+
+    id: str | None
+    inputs: dict[str, np.ndarray]
+    outputs: list[tuple[str, bool]] = field(default_factory=list)  # (name, as binary data), in order
+
+
+def _shape(value: Any, where: str) -> list[int]:
+    # Plain loops and exact type checks: this runs for every request (bool is not an int here).
+    if type(value) is not list:
+        raise V2Error(f"{where}: 'shape' must be a list of integers, got {json.dumps(value)[:80]}")
+    for d in value:
+        if type(d) is not int:
+            raise V2Error(f"{where}: 'shape' must be a list of integers, got {json.dumps(value)[:80]}")
+        if d <= 0:
+            raise V2Error(f"{where}: shape {value} has a non-positive dim {d}")
+    return value
+
+
+def _check_shape(shape: list[int], spec: TensorSpec, model: str, max_batch: int) -> None:
+    expected = spec.shape
+    fits = len(shape) == len(expected)
+    if fits:
+        for want, got in zip(expected, shape):
+            if want != got and want != -1:
+                fits = False
+    if not fits:
+        raise V2Error(f"unexpected shape for input '{spec.name}' for model '{model}'. Expected "
+                      f"{list(expected)}, got {shape}")
+    if shape[0] > max_batch:
+        raise V2Error(f"inference request batch-size must be <= {max_batch} for '{model}', got {shape[0]}")
+
+
+def _json_data(data: Any, spec: TensorSpec, count: int, where: str) -> np.ndarray:
+    """A JSON ``data`` list (flat or nested, row-major) as a flat array of the input's dtype."""
+    dtype = DTYPES[spec.datatype]
+    try:
+        values = np.array(data)
+    except (ValueError, TypeError, RecursionError):  # ragged or absurdly deep nesting
+        raise V2Error(f"{where}: 'data' is not a regular (flat or nested) list of numbers") from None
+    kind = values.dtype.kind
+    if values.size != count:
+        raise V2Error(f"{where}: 'data' holds {values.size} values but the shape needs {count}")
+    if kind not in "biuf" or (kind == "b") != (dtype.kind == "b") or (kind == "f" and dtype.kind != "f"):
+        raise V2Error(f"{where}: 'data' holds values that are not {spec.datatype}")
+    if dtype.kind in "iu" and values.size:
+        info = np.iinfo(dtype)
+        low, high = values.min(), values.max()
+        if low < info.min or high > info.max:
+            raise V2Error(f"{where}: 'data' holds {low if low < info.min else high}, out of range for {spec.datatype}")
+    return values.astype(dtype, copy=False).reshape(-1)
+
+
+def parse_infer(body: bytes, header_length: int | None, model: str, inputs: Sequence[TensorSpec],
+                outputs: Sequence[TensorSpec], max_batch: int) -> InferRequest:
+    """Decode an inference request.
+
+    Args:
+        body: The whole (inflated) request body.
+        header_length: The ``Inference-Header-Content-Length`` header: the JSON is the body's first
+            that many bytes and the binary tensor data follows; None when the body is all JSON.
+        model: The model's name, for messages.
+        inputs: What the model takes; every one must be given.
+        outputs: What the model returns; requested outputs must be among them.
+        max_batch: The largest batch one request may carry.
+
+    Returns:
+        The request, each input as an array of its spec's dtype and the request's shape.
+
+    Raises:
+        V2Error: 400 for anything wrong in the request.
+    """
+    size = len(body) if header_length is None else header_length
+    if size < 0 or size > len(body):
+        raise V2Error(f"Inference-Header-Content-Length {header_length} is outside the body's {len(body)} bytes")
+    try:
+        header = json.loads(body[:size])
+    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
+        raise V2Error(f"failed to parse the request JSON buffer: {' '.join(str(exc).split())[:200]}") from None
+    if not isinstance(header, dict):
+        raise V2Error("the request JSON must be an object")
+    request_id = header.get("id")
+    if request_id is not None and not isinstance(request_id, str):
+        raise V2Error("'id' must be a string")
+    given = header.get("inputs")
+    if not isinstance(given, list):
+        raise V2Error(f"the request for model '{model}' has no 'inputs' list")
+    specs = {s.name: s for s in inputs}
+    arrays: dict[str, np.ndarray] = {}
+    offset = size
+    for entry in given:
+        if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
+            raise V2Error("each of 'inputs' must be an object with a 'name'")
+        name = entry["name"]
+        spec = specs.get(name)
+        if spec is None:
+            raise V2Error(f"unexpected inference input '{name}' for model '{model}'")
+        if name in arrays:
+            raise V2Error(f"input '{name}' is given more than once")
+        where = f"input '{name}'"
+        if entry.get("datatype") != spec.datatype:
+            raise V2Error(f"inference input '{name}' data-type is '{entry.get('datatype')}', but model "
+                          f"'{model}' expects '{spec.datatype}'")
+        shape = _shape(entry.get("shape"), where)
+        _check_shape(shape, spec, model, max_batch)
+        count = math.prod(shape)
+        params = entry.get("parameters") or {}
+        if not isinstance(params, dict):
+            raise V2Error(f"{where}: 'parameters' must be an object")
+        nbytes = params.get("binary_data_size")
+        if nbytes is not None:
+            expected = count * DTYPES[spec.datatype].itemsize
+            if not isinstance(nbytes, int) or isinstance(nbytes, bool) or nbytes != expected:
+                raise V2Error(f"unexpected size for input '{name}', expecting {expected} bytes for model "
+                              f"'{model}', got binary_data_size {json.dumps(nbytes)[:40]}")
+            if offset + nbytes > len(body):
+                raise V2Error(f"{where}: binary data ends at byte {offset + nbytes}, past the body's {len(body)}")
+            flat = np.frombuffer(body, DTYPES[spec.datatype], count, offset)
+            offset += nbytes
+        elif "data" in entry:
+            flat = _json_data(entry["data"], spec, count, where)
+        else:
+            raise V2Error(f"input '{name}' has no data: give 'data' or parameters.binary_data_size")
+        arrays[name] = flat.reshape(shape)
+    if offset != len(body):
+        raise V2Error(f"the body has {len(body) - offset} bytes of binary data that no input claims")
+    missing = [s.name for s in inputs if s.name not in arrays]
+    if missing:
+        raise V2Error(f"expected {len(inputs)} inputs but got {len(arrays)} inputs for model '{model}' "
+                      f"(missing {', '.join(repr(m) for m in missing)})")
+    batches = {a.shape[0] for a in arrays.values()}
+    if len(batches) > 1:
+        raise V2Error(f"the inputs of model '{model}' have different batch sizes {sorted(batches)}")
+    return InferRequest(request_id, arrays, _requested(header, outputs, model))
+
+
+def _flag(params: Any, key: str, where: str) -> bool:
+    if params is None:
+        return False
+    if not isinstance(params, dict):
+        raise V2Error(f"{where}: 'parameters' must be an object")
+    if "classification" in params:
+        raise V2Error(f"{where}: the classification extension is not supported")
+    value = params.get(key, False)
+    if not isinstance(value, bool):
+        raise V2Error(f"{where}: '{key}' must be true or false")
+    return value
+
+
+def _requested(header: dict[str, Any], outputs: Sequence[TensorSpec], model: str) -> list[tuple[str, bool]]:
+    """The outputs asked for, each with whether it goes back as binary data; none listed means all."""
+    all_binary = _flag(header.get("parameters"), "binary_data_output", "the request")
+    asked = header.get("outputs")
+    if asked is None:
+        return [(s.name, all_binary) for s in outputs]
+    if not isinstance(asked, list):
+        raise V2Error("'outputs' must be a list")
+    known = {s.name for s in outputs}
+    result: list[tuple[str, bool]] = []
+    for entry in asked:
+        if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
+            raise V2Error("each of 'outputs' must be an object with a 'name'")
+        name = entry["name"]
+        if name not in known:
+            raise V2Error(f"unexpected inference output '{name}' for model '{model}'")
+        if any(name == n for n, _ in result):
+            raise V2Error(f"output '{name}' is requested more than once")
+        binary = _flag(entry.get("parameters"), "binary_data", f"output '{name}'") or all_binary
+        result.append((name, binary))
+    return result
+
+
+def encode_infer(model: str, version: str, request_id: str | None,
+                 outputs: Sequence[tuple[str, np.ndarray, bool]]) -> tuple[bytes, int | None]:
+    """Encode an inference response.
+
+    Args:
+        model: The model's name.
+        version: The model's version, e.g. "1".
+        request_id: The request's ``id``, echoed back; None leaves it out.
+        outputs: (name, array, as binary data) per output, in the order asked for.
+
+    Returns:
+        (body, header length): the length of the JSON header when binary data follows it (the
+        ``Inference-Header-Content-Length`` header to send), else None.
+    """
+    entries = []
+    chunks = []
+    for name, array, binary in outputs:
+        entry: dict[str, Any] = {"name": name, "datatype": _v2_type(array.dtype), "shape": list(array.shape)}
+        if binary:
+            chunk = np.ascontiguousarray(array).tobytes()
+            entry["parameters"] = {"binary_data_size": len(chunk)}
+            chunks.append(chunk)
+        else:
+            entry["data"] = array.ravel().tolist()
+        entries.append(entry)
+    response: dict[str, Any] = {"model_name": model, "model_version": version}
+    if request_id is not None:
+        response["id"] = request_id
+    response["outputs"] = entries
+    header = _ENCODER.encode(response).encode()
+    if not chunks:
+        return header, None
+    return b"".join([header, *chunks]), len(header)
+
+
+def _v2_type(dtype: np.dtype) -> str:
+    try:
+        return _V2_NAMES[dtype]
+    except KeyError:
+        raise ValueError(f"no V2 datatype for numpy {dtype}") from None
+
+
+def error_body(message: str) -> bytes:
+    """The JSON body of an error answer: ``{"error": "..."}`` on one line."""
+    return json.dumps({"error": " ".join(message.split())}).encode()
+
+
+def server_metadata(name: str, version: str, extensions: Sequence[str]) -> dict[str, Any]:
+    """The answer to ``GET /v2``."""
+    return {"name": name, "version": version, "extensions": list(extensions)}
+
+
+def model_metadata(name: str, version: str, platform: str, inputs: Sequence[TensorSpec],
+                   outputs: Sequence[TensorSpec]) -> dict[str, Any]:
+    """The answer to ``GET /v2/models/{name}``: platform, and each tensor with its batch axis as -1."""
+    return {"name": name, "versions": [version], "platform": platform,
+            "inputs": [_tensor(s) for s in inputs], "outputs": [_tensor(s) for s in outputs]}
+
+
+def _tensor(spec: TensorSpec) -> dict[str, Any]:
+    return {"name": spec.name, "datatype": spec.datatype, "shape": list(spec.shape)}
