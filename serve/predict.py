@@ -17,7 +17,7 @@ from typing import Any, BinaryIO, TextIO
 import numpy as np
 
 from bnpipe.errors import BnpipeError
-from bnpipe.serve.image import ImageError, load_digit
+from bnpipe.serve.image import load_digits
 from bnpipe.serve.inputs import STDIN, Item, expand_inputs
 from bnpipe.serve.output import json_line, text_lines
 from bnpipe.serve.runtime import Model, usable_cpus
@@ -37,23 +37,17 @@ class Prediction:
 
 
 def decode_batch(items: Sequence[Item]) -> tuple[np.ndarray, dict[int, str]]:
-    """Decode a batch of inputs into model input.
+    """Decode a batch of inputs into model input (`bnpipe.serve.image.load_digits`).
 
     Returns:
         pixels [M, 28, 28] uint8 for the M good items in order, and {index in ``items``:
         reason} for the others.
     """
-    digits: list[np.ndarray] = []
-    errors: dict[int, str] = {}
-    for i, item in enumerate(items):
-        if item.error is not None:
-            errors[i] = item.error
-            continue
-        try:
-            digits.append(load_digit(item.source, item.name))
-        except ImageError as exc:
-            errors[i] = exc.reason
-    return (np.stack(digits) if digits else np.empty((0, 28, 28), np.uint8)), errors
+    errors = {i: item.error for i, item in enumerate(items) if item.error is not None}
+    todo = [i for i in range(len(items)) if i not in errors] if errors else range(len(items))
+    pixels, failed = load_digits([items[i].source for i in todo], [items[i].name for i in todo])
+    errors.update((todo[j], reason) for j, reason in failed.items())
+    return pixels, errors
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
