@@ -203,8 +203,8 @@ def run(paths: Sequence[str], model_path: str, device: str = "auto", batch_size:
     try:
         with decoding_pool(len(items), workers) as pool:
             decoded = decode_batches(items, batch_size, pool)  # workers start now, while the model loads
-            # With decode processes busy on the other cores, one inference thread avoids oversubscribing.
-            model = Model.load(model_path, device, verbose, threads=1 if pool is not None else None)
+            # Every core for inference: the workers, faster than the model loads, are mostly done by now.
+            model = Model.load(model_path, device, verbose)
             if verbose:
                 stderr.write(f"bnpipe: {model_path} runs on {model.provider}\n")
             # The text form shows only the top label: ranking more would be wasted work.
