@@ -1,8 +1,9 @@
 """bnpipe.serve: `bnpipe predict` with onnxruntime on the GPU or the CPU. Never imports torch or onnx.
 
 Modules: `image` (any Pillow format to a grayscale array; bad files refused with one line),
+`png` (the fast path for plain 8-bit grayscale PNGs), `gray` (gray levels from any mode),
 `preprocess` (pure MNIST-style normalization), `runtime` (provider choice, model contract,
 session), `cuda` (GPU probe and the nvidia-* wheels' libraries), `inputs` (PATHs to inputs),
-`predict` (parallel decoding, batches, and `run`: the whole command as a function), `output`
+`predict` (decoding, batches, and `run`: the whole command as a function), `output`
 (text and JSON Lines), `cli` (the click command), `samples` (MNIST test images as PNGs).
 """

@@ -21,7 +21,7 @@ from bnpipe.serve.runtime import DEVICES
 @click.option("--top-k", type=click.IntRange(min=1), default=3, show_default=True,
               help="How many labels each JSON line's top_k lists.")
 @click.option("--workers", type=click.IntRange(min=0), default=None,
-              help="Decode processes; 0 decodes in-process [default: one per CPU from 512 images on, else 0].")
+              help="Decode processes; 0 decodes in-process [default: half the CPUs from 512 images on, none on 2 CPUs].")
 @click.option("-v", "--verbose", is_flag=True, help="Say on stderr which execution provider ran.")
 def predict(paths: tuple[str, ...], model_path: str, device: str, batch_size: int, as_json: bool,
             top_k: int, workers: int | None, verbose: bool) -> None:

@@ -1,9 +1,13 @@
 """Read an image of any format Pillow knows into the model's 28x28 digit, or refuse it with one line.
 
-An image of more than `MAX_PIXELS` is refused from its header, before any pixel is decoded; while
-`load_digit` reads, Pillow's own DecompressionBombWarning is an error (a scoped warnings filter:
-importing this module changes nothing in Pillow or in the process's warning filters). A decoded
-image is box-reduced to the working size in its own mode before anything is converted to float.
+An image of more than `MAX_PIXELS` is refused from its header, before any pixel is decoded (a
+baseline JPEG, which its DCT decodes reduced, up to `MAX_JPEG_PIXELS`); while an image is read,
+Pillow's own DecompressionBombWarning is an error (a scoped warnings filter: importing this
+module changes nothing in Pillow or in the process's warning filters). A decoded image is
+box-reduced to the working size in its own mode before anything is converted to float.
+
+The commonest input, a small plain 8-bit grayscale PNG, takes `bnpipe.serve.png`'s fast path;
+`load_digits` decodes a batch of them with one call into Pillow's decoder.
 """
 
 from __future__ import annotations
@@ -11,23 +15,27 @@ from __future__ import annotations
 import io
 import struct
 import warnings
+from collections.abc import Sequence
 from typing import BinaryIO
 
 import numpy as np
-from PIL import Image, PngImagePlugin
+from PIL import Image, JpegImagePlugin, PngImagePlugin
 
 from bnpipe.errors import BnpipeError, one_line
-from bnpipe.serve.preprocess import BlankImageError, composite_alpha, preprocess, work_factor
+from bnpipe.serve.gray import shrink, to_grayscale
+from bnpipe.serve.png import plain_gray_rows, read_small, unfilter
+from bnpipe.serve.preprocess import SIZE, BlankImageError, is_mnist_format, preprocess, work_factor
+
+__all__ = ["MAX_JPEG_PIXELS", "MAX_PIXELS", "ImageError", "load_digit", "load_digits", "shrink", "to_grayscale"]
 
 # 25 megapixels (a 6000x4000 camera photo) is ~100 MB decoded as RGBA: far more than a digit needs.
 MAX_PIXELS = 25_000_000
-DRAFT_SIZE = 512  # a large JPEG is decoded at 1/2..1/8 scale, keeping at least this many px a side
+# A baseline JPEG decodes at 1/8 scale: 200 MP (the largest phone sensors) become 3 MP of gray.
+MAX_JPEG_PIXELS = 200_000_000
 
-_WIDE = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I"})  # 16-bit (and 32-bit integer) gray
-_ALPHA = frozenset({"LA", "RGBA", "RGBa"})
-_INDEXED = frozenset({"1", "P", "PA"})  # pixel values that are not levels: averaging them means nothing
 _NO_EXIF = frozenset({"PNG", "BMP", "GIF"})  # formats whose orientation is never in EXIF here
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+_JPEG_MAGIC = b"\xff\xd8\xff"
 
 
 class ImageError(BnpipeError):
@@ -68,20 +76,49 @@ def _reason_for_unidentified(fp: BinaryIO) -> str:
 
 
 def _identify(fp: BinaryIO) -> Image.Image:
-    """Open ``fp`` as an image; a PNG goes straight to Pillow's PNG reader.
+    """Open ``fp`` as an image; a PNG or a JPEG goes straight to Pillow's reader for it.
 
     Nearly every digit image is a PNG, and for a 28x28 one `Image.open`'s search through the
-    registered formats costs a fifth of the whole decode. The PNG reader is the one that
-    Image.open would pick; a file it rejects is reported as Image.open's would be.
+    registered formats costs a fifth of the whole decode. A JPEG skips `Image.open` for another
+    reason: Pillow's size limit, checked there, would refuse a phone photo that decodes reduced
+    (`pixel_limit` is checked instead). Each reader is the one Image.open would pick (for a
+    multi-picture JPEG, its first picture); a PNG it rejects is reported as Image.open's would
+    be, and a JPEG it rejects is handed to Image.open.
     """
-    if fp.read(8) == _PNG_MAGIC:
-        fp.seek(0)
+    head = fp.read(8)
+    fp.seek(0)
+    if head == _PNG_MAGIC:
         try:
             return PngImagePlugin.PngImageFile(fp)
         except (SyntaxError, ValueError, OSError, EOFError, struct.error) as exc:
             raise Image.UnidentifiedImageError(str(exc)) from None
-    fp.seek(0)
+    if head[:3] == _JPEG_MAGIC:
+        try:
+            return JpegImagePlugin.JpegImageFile(fp)
+        except Exception:  # noqa: BLE001 - Image.open says what is wrong, in its own words
+            fp.seek(0)
     return Image.open(fp)
+
+
+def jpeg_scale(width: int, height: int) -> int:
+    """Return the DCT reduction (1, 2, 4 or 8 a side) to decode a JPEG of this size at.
+
+    The largest that still leaves at least the working size (`work_factor`): the DCT does the
+    first part of the reduction `shrink` would do, and no detail that the working size keeps is lost.
+    """
+    factor = work_factor(width, height)
+    return next(s for s in (8, 4, 2, 1) if s <= factor)
+
+
+def pixel_limit(im: Image.Image) -> int:
+    """Return how many pixels an opened image may declare.
+
+    A baseline JPEG decodes reduced by `jpeg_scale`, and only that reduced image is ever in
+    memory (at most 3.2 MP past MAX_PIXELS): it may declare up to MAX_JPEG_PIXELS. A progressive
+    JPEG buffers every DCT coefficient at full size, and other formats decode at full size:
+    MAX_PIXELS.
+    """
+    return MAX_JPEG_PIXELS if im.format == "JPEG" and not im.info.get("progressive") else MAX_PIXELS
 
 
 def open_image(fp: BinaryIO, name: str) -> Image.Image:
@@ -108,8 +145,9 @@ def open_image(fp: BinaryIO, name: str) -> Image.Image:
     w, h = im.size
     if w <= 0 or h <= 0:
         raise ImageError(name, f"image has zero size ({w}x{h})")
-    if w * h > MAX_PIXELS:  # below Pillow's own limit, and the only check on the PNG fast path
-        raise ImageError(name, f"image too large, refused before decoding ({w}x{h} = {w * h} pixels > {MAX_PIXELS})")
+    limit = pixel_limit(im)  # the only check for PNG and JPEG, which skip Image.open's
+    if w * h > limit:
+        raise ImageError(name, f"image too large, refused before decoding ({w}x{h} = {w * h} pixels > {limit})")
     return im
 
 
@@ -139,8 +177,9 @@ def decode(im: Image.Image, name: str) -> Image.Image:
     """
     if im.format == "JPEG":
         w, h = im.size
-        # The DCT decodes straight to luma at a reduced scale: fast and light for big photos.
-        im.draft("L", (min(w, DRAFT_SIZE), min(h, DRAFT_SIZE)))
+        s = jpeg_scale(w, h)
+        # The DCT decodes straight to luma at 1/s scale (Pillow takes the largest of 8, 4, 2, 1 <= w // (w // s) = s).
+        im.draft("L", (max(1, w // s), max(1, h // s)))
     try:
         im.load()
         if im.format not in _NO_EXIF:
@@ -152,61 +191,6 @@ def decode(im: Image.Image, name: str) -> Image.Image:
         kind = "truncated image" if "truncated" in str(exc) or isinstance(exc, EOFError) else "corrupt image data"
         raise ImageError(name, f"{kind} ({one_line(exc)})") from None
     return im
-
-
-def _levels(im: Image.Image) -> Image.Image:
-    """Turn a bilevel or palette image into levels that can be averaged: RGBA where it has transparency, else L."""
-    return im.convert("RGBA" if im.mode == "PA" or "transparency" in im.info else "L")
-
-
-def shrink(im: Image.Image) -> Image.Image:
-    """Box-reduce a decoded image by `work_factor`, in its own mode, before any float conversion.
-
-    A 25-megapixel RGBA image makes float32 arrays of 100 MB each; reduced first, they are a few
-    MB. `Image.reduce` premultiplies alpha, so transparent pixels' colour does not bleed into the
-    ink. Palette and bilevel images become levels first, 16-bit ones 32-bit (reduce takes no I;16).
-
-    Returns:
-        ``im`` itself when it is within the working size, else the reduced image.
-    """
-    factor = work_factor(*im.size)
-    if factor == 1:
-        return im
-    if im.mode in _INDEXED:
-        im = _levels(im)
-    elif im.mode in _WIDE:
-        im = im.convert("I")  # exact: 0..65535 fits in int32
-    return im.reduce(factor)
-
-
-def to_grayscale(im: Image.Image) -> np.ndarray:
-    """Return the image's gray levels on the 0..255 scale.
-
-    8-bit images come back as uint8 via Pillow's exact ITU-R 601-2 luma (so a gray RGB pixel
-    keeps its value). 16-bit images come back as float32 so that none of their precision is
-    lost before contrast stretching; images with alpha are flattened by `composite_alpha`.
-
-    Returns:
-        [H, W] uint8 or float32.
-
-    Raises:
-        ValueError: Pillow cannot convert the image's mode (LAB, HSV) to gray.
-    """
-    mode = im.mode
-    if mode == "L":
-        return np.asarray(im)
-    if mode in _INDEXED:
-        return to_grayscale(_levels(im))
-    if mode in _WIDE:
-        return np.clip(np.asarray(im).astype(np.float32), 0.0, 65535.0) / np.float32(257.0)
-    if mode == "F":
-        values = np.asarray(im, dtype=np.float32)
-        scale = 255.0 if float(values.max(initial=0.0)) <= 1.0 else 1.0  # a 0..1 float image
-        return np.clip(values * np.float32(scale), 0.0, 255.0)
-    if mode in _ALPHA:
-        la = np.asarray((im if mode == "LA" else im.convert("RGBA")).convert("LA"), dtype=np.float32)  # [H, W, 2]
-        return composite_alpha(la[..., 0], la[..., 1] / np.float32(255.0))
-    return np.asarray(im.convert("L"))
 
 
 def read_gray(fp: BinaryIO, name: str) -> np.ndarray:
@@ -228,11 +212,68 @@ def read_gray(fp: BinaryIO, name: str) -> np.ndarray:
         raise ImageError(name, f"{reason} {im.mode} ({one_line(exc)})") from None
 
 
+def finish(gray: np.ndarray, name: str) -> np.ndarray:
+    """`preprocess` a gray image into the model's digit; its failures become ImageError."""
+    try:
+        return preprocess(gray)
+    except BlankImageError as exc:
+        raise ImageError(name, str(exc)) from None
+    except Exception as exc:  # noqa: BLE001 - an image nobody foresaw must not stop the others
+        raise ImageError(name, f"cannot preprocess the image ({one_line(exc)})") from None
+
+
+def load_digits(sources: Sequence[str | bytes], names: Sequence[str]) -> tuple[np.ndarray, dict[int, str]]:
+    """Read a batch of inputs into the model's input digits, as `load_digit` reads each.
+
+    Plain grayscale PNGs (`bnpipe.serve.png`) are read with one system call each and unfiltered
+    together, and those that are 28x28 on a dark background pass through with one vectorized
+    test; every other input takes Pillow's full path.
+
+    Args:
+        sources: File paths, or the bytes of images.
+        names: What to call each input in messages.
+
+    Returns:
+        [M, 28, 28] uint8 for the M inputs that could be read, in order, and {index in
+        ``sources``: reason} for the others.
+    """
+    out = np.empty((len(sources), SIZE, SIZE), np.uint8)
+    errors: dict[int, str] = {}
+    plain: dict[tuple[int, int], list[tuple[int, bytes]]] = {}  # (width, height) -> [(index, filtered rows)]
+    for i, source in enumerate(sources):
+        data = source if isinstance(source, bytes) else read_small(source)
+        found = plain_gray_rows(data) if data is not None else None
+        if found is not None:
+            plain.setdefault(found[:2], []).append((i, found[2]))
+            continue
+        try:
+            with open_source(source if data is None else data, names[i]) as fp:
+                gray = read_gray(fp, names[i])  # the decoded image is freed here: only the reduced gray stays
+            out[i] = finish(gray, names[i])
+        except ImageError as exc:
+            errors[i] = exc.reason
+    for (width, height), members in plain.items():
+        grays = unfilter(width, height, [rows for _, rows in members])  # [n, height, width]
+        index = np.array([i for i, _ in members])
+        passing = np.zeros(len(members), bool)
+        if (width, height) == (SIZE, SIZE):
+            passing = is_mnist_format(grays)
+            out[index[passing]] = grays[passing]
+        for i, gray in zip(index[~passing], grays[~passing]):
+            try:
+                out[i] = finish(gray, names[i])
+            except ImageError as exc:
+                errors[i] = exc.reason
+    if errors:
+        out = out[[i for i in range(len(sources)) if i not in errors]]
+    return out, errors
+
+
 def load_digit(source: str | bytes, name: str) -> np.ndarray:
     """Read one input into the model's input digit.
 
     Args:
-        source: A file path, or the bytes of an image (stdin).
+        source: A file path, or the bytes of an image (stdin, an upload).
         name: What to call the input in messages.
 
     Returns:
@@ -241,11 +282,7 @@ def load_digit(source: str | bytes, name: str) -> np.ndarray:
     Raises:
         ImageError: the input cannot be used; its message names it.
     """
-    with open_source(source, name) as fp:
-        gray = read_gray(fp, name)  # the decoded image is freed on return: only the reduced gray stays
-    try:
-        return preprocess(gray)
-    except BlankImageError as exc:
-        raise ImageError(name, str(exc)) from None
-    except Exception as exc:  # noqa: BLE001 - an image nobody foresaw must not stop the others
-        raise ImageError(name, f"cannot preprocess the image ({one_line(exc)})") from None
+    pixels, errors = load_digits([source], [name])
+    if errors:
+        raise ImageError(name, errors[0])
+    return pixels[0]

@@ -35,27 +35,42 @@ def walk_images(directory: str) -> list[Item]:
     Hidden entries (``.DS_Store``, editor swap files) are skipped; everything else appears: a
     file that is not an image fails at decoding, and a FIFO, a device, a broken link or an
     unreadable folder is an item with ``error`` set. Linked folders are followed, once each.
+    Each folder is listed once (`os.scandir`) and its entries sorted by name; a regular file
+    costs no `stat` call, since the listing already says what each entry is.
     """
     found: list[Item] = []
     seen: set[str] = set()
-
-    def unreadable(err: OSError) -> None:
-        name = str(err.filename)
-        found.append(Item(name, name, error=f"cannot read folder ({err.strerror})"))
-
-    for root, dirs, files in os.walk(directory, onerror=unreadable, followlinks=True):
-        real = os.path.realpath(root)
+    todo: list[Item | str] = [directory]  # a stack: folders to list (str) and items found, the next on top
+    while todo:
+        entry = todo.pop()
+        if isinstance(entry, Item):
+            found.append(entry)
+            continue
+        real = os.path.realpath(entry)
         if real in seen:  # a link back into the tree: walking it again would never end
-            found.append(Item(root, root, error="folder already walked through another link"))
-            dirs[:] = []
+            found.append(Item(entry, entry, error="folder already walked through another link"))
             continue
         seen.add(real)
-        dirs[:] = [d for d in dirs if not d.startswith(".")]
-        for name in files:
-            if not name.startswith("."):
-                path = os.path.join(root, name)
-                found.append(Item(path, path, error=_not_regular(path)))
-    return sorted(found, key=lambda item: item.name.split(os.sep))
+        try:
+            with os.scandir(entry) as listing:
+                names = sorted((e for e in listing if not e.name.startswith(".")), key=lambda e: e.name)
+        except OSError as exc:
+            found.append(Item(entry, entry, error=f"cannot read folder ({exc.strerror})"))
+            continue
+        todo.extend(_kind(e) for e in reversed(names))
+    return found
+
+
+def _kind(entry: os.DirEntry[str]) -> Item | str:
+    """A listed entry as an item (a file, or something that is no file) or a folder to walk (its path)."""
+    try:
+        if entry.is_file():  # links followed; the listing says what a plain entry is, with no stat call
+            return Item(entry.path, entry.path)
+        if entry.is_dir():
+            return entry.path
+    except OSError:
+        pass
+    return Item(entry.path, entry.path, error=_not_regular(entry.path))
 
 
 def expand_inputs(paths: Sequence[str], stdin: bytes | None = None) -> list[Item]:

@@ -98,10 +98,21 @@ def preprocess(gray: np.ndarray) -> np.ndarray:
     """
     if gray.shape == (SIZE, SIZE):
         g8 = to_uint8(gray)
-        # Light-background test by majority of the 108 edge pixels (the median, without a sort).
-        if np.count_nonzero(g8.ravel()[_EDGE_INDEX] > 127) * 2 <= _EDGE_INDEX.size:
+        if is_mnist_format(g8[None])[0]:
             return g8
     return mnist_normalize(gray)
+
+
+def is_mnist_format(digits: np.ndarray) -> np.ndarray:
+    """Return which of ``digits`` ([N, 28, 28] uint8) are on a dark background, as MNIST's are.
+
+    Light-background test by majority of the 108 edge pixels (the median, without a sort).
+
+    Returns:
+        [N] bool.
+    """
+    edges = digits.reshape(len(digits), SIZE * SIZE)[:, _EDGE_INDEX]  # [N, 108]
+    return np.count_nonzero(edges > 127, axis=1) * 2 <= _EDGE_INDEX.size
 
 
 def work_factor(width: int, height: int) -> int:

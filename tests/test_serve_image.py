@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import struct
 import tracemalloc
 import warnings
 from pathlib import Path
@@ -13,9 +14,11 @@ from PIL import Image
 
 from bnpipe.serve import image as serve_image
 from bnpipe.serve.image import ImageError, declared_size, load_digit, shrink, to_grayscale
+from bnpipe.serve.predict import run
 from bnpipe.serve.preprocess import mnist_normalize, preprocess
 from tests.test_serve_preprocess import close
-from tests.test_serve_support import bmp_bytes_with_size, png_bytes_with_size, stroke_digit, write_bad_inputs
+from tests.test_serve_support import (bmp_bytes_with_size, build_model, linear_reference, png_bytes_with_size,
+                                     stroke_digit, write_bad_inputs)
 
 
 @pytest.fixture(scope="module")
@@ -232,3 +235,57 @@ def test_declared_size() -> None:
     assert declared_size(png_bytes_with_size(0, 9)[:32]) == (0, 9)
     assert declared_size(b"GIF89a\x05\x00\x00\x00") == (5, 0)
     assert declared_size(b"hello world") is None
+
+
+def phone_photo(digit_paper: np.ndarray, size: tuple[int, int] = (8000, 6000), **kwargs: object) -> bytes:
+    """A JPEG of ``size`` (48 MP): gray paper with the digit drawn ~2000 px tall in the middle."""
+    photo = Image.new("L", size, 235)
+    ink = Image.fromarray(digit_paper).resize((2000, 2000), Image.BILINEAR).point(lambda v: v * 235 // 255)
+    photo.paste(ink, ((size[0] - 2000) // 2, (size[1] - 2000) // 2))
+    buf = io.BytesIO()
+    photo.save(buf, format="JPEG", quality=85, **kwargs)
+    return buf.getvalue()
+
+
+def with_jpeg_size(data: bytes, width: int, height: int) -> bytes:
+    """``data`` with the size in its start-of-frame header replaced: a header-only giant."""
+    for marker in (b"\xff\xc0", b"\xff\xc2"):  # baseline, progressive
+        at = data.find(marker)
+        if at > 0:
+            return data[: at + 5] + struct.pack(">HH", height, width) + data[at + 9 :]
+    raise AssertionError("no start of frame")
+
+
+def test_48_megapixel_phone_photo_is_accepted(tmp_path: Path, digit: np.ndarray, paper: np.ndarray) -> None:
+    """Decoded at 1/8 scale by the DCT (1000x750): the right digit, and the right label from `run`."""
+    data = phone_photo(paper)
+    assert Image.open(io.BytesIO(data)).size == (8000, 6000) and 8000 * 6000 > serve_image.MAX_PIXELS
+    assert_same_digit(load_digit(data, "-"), digit, mad=6.0)
+    model = build_model(tmp_path / "m.onnx")
+    (tmp_path / "photo.jpg").write_bytes(data)
+    out = io.StringIO()
+    assert run([str(tmp_path / "photo.jpg")], str(model), "cpu", stdout=out, stderr=io.StringIO()) == 0
+    want = str(int(linear_reference(digit[None]).argmax()))
+    assert out.getvalue().split("\t")[1] == want
+    # 108 MP, past Pillow's own limit: not refused for its size (it is truncated: the header is all it has).
+    with pytest.raises(ImageError, match="^-: truncated image"):
+        load_digit(with_jpeg_size(data[:20_000], 12_000, 9000), "-")
+
+
+def test_jpeg_size_limits(monkeypatch: pytest.MonkeyPatch, paper: np.ndarray) -> None:
+    """Past MAX_JPEG_PIXELS, or progressive past MAX_PIXELS (its coefficients are buffered at full size): refused unread."""
+    small, progressive = io.BytesIO(), io.BytesIO()
+    Image.fromarray(paper).save(small, format="JPEG")
+    Image.fromarray(paper).save(progressive, format="JPEG", progressive=True)
+    monkeypatch.setattr(Image.Image, "load", lambda self: pytest.fail("decoded a refused image"))
+    with pytest.raises(ImageError, match=r"^-: image too large, refused before decoding \(20000x15000 = 300000000 "
+                                         r"pixels > 200000000\)$"):
+        load_digit(with_jpeg_size(small.getvalue(), 20_000, 15_000), "-")
+    with pytest.raises(ImageError, match=r"^-: image too large, refused before decoding \(8000x6000 = 48000000 "
+                                         r"pixels > 25000000\)$"):
+        load_digit(with_jpeg_size(progressive.getvalue(), 8000, 6000), "-")
+
+
+def test_jpeg_scale() -> None:
+    assert [serve_image.jpeg_scale(w, h) for w, h in [(28, 28), (1024, 1), (1025, 900), (3000, 2000), (4096, 3072),
+                                                      (8000, 6000), (16384, 12288)]] == [1, 1, 2, 2, 4, 8, 8]

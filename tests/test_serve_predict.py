@@ -119,7 +119,9 @@ def test_no_pool_for_small_jobs() -> None:
 
 def test_default_workers() -> None:
     assert default_workers(10) == 0  # a pool would cost more than it saves
-    assert default_workers(10_000) == usable_cpus() == len(os.sched_getaffinity(0)) >= 1
+    cpus = usable_cpus()
+    assert cpus == len(os.sched_getaffinity(0)) >= 1
+    assert default_workers(10_000) == (0 if cpus <= 2 else cpus // 2)  # measured: no gain on 2 CPUs
     assert intra_op_threads() == min(4, usable_cpus())
 
 
