@@ -7,8 +7,10 @@ global batch of one shuffled order per epoch, so ``--batch-size`` stays the glob
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
+import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
@@ -81,14 +83,32 @@ def init_world(device: torch.device, timeout_s: float) -> tuple[World, torch.dev
     backend = "nccl" if device.type == "cuda" else "gloo"
     where = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
     try:
-        dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s),
-                                device_id=device if device.type == "cuda" else None)
-        # The first collective proves that every rank is there, within the timeout, not at step 1.
-        dist.barrier()
+        with _stderr_held_back() as held:
+            dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s),
+                                    device_id=device if device.type == "cuda" else None)
+            # The first collective proves that every rank is there, within the timeout, not at step 1.
+            dist.barrier()
+        sys.stderr.write("".join(held))  # joined: what c10d said goes out after all
     except Exception as exc:  # noqa: BLE001 - c10d raises DistStoreError, RuntimeError, TimeoutError, ValueError
         raise BnpipeError(f"distributed setup: rank {world.rank} of {world.size} could not join the {backend} "
                           f"process group at {where} within {timeout_s:g}s ({one_line(exc, 160)})") from None
     return world, device
+
+
+@contextlib.contextmanager
+def _stderr_held_back() -> Iterator[list[str]]:
+    """Hold back file descriptor 2 (c10d's C++ logger prints stack traces there); yields what it got, at exit."""
+    sys.stderr.flush()
+    saved, held = os.dup(2), []
+    with tempfile.TemporaryFile("w+") as f:
+        os.dup2(f.fileno(), 2)
+        try:
+            yield held
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            f.seek(0)
+            held.append(f.read())
 
 
 def close_world() -> None:
