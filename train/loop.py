@@ -189,6 +189,10 @@ def _train(config: TrainConfig, log: Callable[[str], None], resume: str | None, 
         model = to_sync_bn(model, device)
     net = model  # the bare module: evaluated and saved; `model` may wrap it in DDP for training
     if world.distributed:
+        import torch.distributed as dist
+
+        log(f"DDP on {dist.get_backend()}: {world.size} processes, {torch.get_num_threads()} thread(s) each, "
+            f"global batch {config.batch_size}, BN {config.bn}")
         model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     progress = sys.stderr.isatty() and world.is_main
     for epoch in range(start, config.epochs + 1):
