@@ -193,7 +193,10 @@ def _train(config: TrainConfig, log: Callable[[str], None], resume: str | None, 
 
         log(f"DDP on {dist.get_backend()}: {world.size} processes, {torch.get_num_threads()} thread(s) each, "
             f"global batch {config.batch_size}, BN {config.bn}")
-        model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        # No buffer broadcast before every forward: rank 0's statistics, the ones saved and evaluated, are
+        # the same either way, and broadcast_buffers() hands them to the others before each evaluation.
+        model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                        forward_sync_buffers=False, gradient_as_bucket_view=True)
     progress = sys.stderr.isatty() and world.is_main
     for epoch in range(start, config.epochs + 1):
         t0 = time.perf_counter()
