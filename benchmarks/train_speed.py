@@ -9,8 +9,9 @@ the JSON sidecar (training and test evaluation of each epoch, not process start-
 - 2 processes x 1 thread, DDP: `bnpipe train --nproc-per-node 2`;
 - 2 processes x 1 thread, DDP, `--bn sync`.
 
-Rounds alternate the baseline and every way, in rotating order, so the ratios hold up on a noisy
-machine; each ratio is the median of a way's epochs over the median baseline epoch.
+Every run of a way is bracketed by two baseline epochs and divided by their mean, so the ratios
+hold up on a machine whose load drifts; rounds rotate the order of the ways, and a way's ratio is
+the median over rounds.
 
     python benchmarks/train_speed.py --data ../shared/data [--repeats 1] [--epochs 5] [--breakdown]
 
@@ -160,25 +161,29 @@ def main() -> int:
           f"batch {cfg.batch_size}, {args.epochs} epoch(s) per run, {args.limit_train or 60000} training images")
     if args.breakdown:
         breakdown(root, cfg)
-    base: list[float] = []
+    # Each run of a way is bracketed by baseline epochs, and compared with their mean: the load of a
+    # shared machine drifts over minutes, so a baseline measured long before would mislead.
+    base = [tutorial_epoch(root, cfg, args.limit_train)]
+    print(f"  tutorial-style {base[-1]:.2f}s", flush=True)
+    ratio_runs: dict[str, list[float]] = {w: [] for w in ways}
     epochs: dict[str, list[float]] = {w: [] for w in ways}
     accuracy: dict[str, float] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(args.repeats):
-            base.append(tutorial_epoch(root, cfg, args.limit_train))
-            print(f"  round {r + 1}: tutorial-style {base[-1]:.2f}s", flush=True)
             for way in ways[r % len(ways):] + ways[: r % len(ways)]:
                 metrics = bnpipe_run(root, way, args.epochs, args.limit_train, Path(tmp))
-                epochs[way] += [m["seconds"] for m in metrics]
+                base.append(tutorial_epoch(root, cfg, args.limit_train))
+                seconds = statistics.median(m["seconds"] for m in metrics)
+                epochs[way].append(seconds)
+                ratio_runs[way].append(seconds / statistics.mean(base[-2:]))
                 accuracy[way] = metrics[-1]["test_acc"]
-                print(f"  round {r + 1}: {way}: epochs {', '.join(format(m['seconds'], '.2f') for m in metrics)}s, "
-                      f"test accuracy {accuracy[way]:.4f}", flush=True)
-    b = statistics.median(base)
-    print(f"tutorial-style: {b:.2f}s per epoch (train + test eval)")
+                print(f"  {way}: epochs {', '.join(format(m['seconds'], '.2f') for m in metrics)}s, test accuracy "
+                      f"{accuracy[way]:.4f}; tutorial-style {base[-1]:.2f}s; ratio {ratio_runs[way][-1]:.2f}x", flush=True)
+    print(f"tutorial-style: {statistics.median(base):.2f}s per epoch (train + test eval), median of {len(base)}")
     ratios = {}
     for way in ways:
-        ratios[way] = statistics.median(epochs[way]) / b
-        print(f"{way}: {statistics.median(epochs[way]):.2f}s per epoch, {ratios[way]:.2f}x the baseline, "
+        ratios[way] = statistics.median(ratio_runs[way])
+        print(f"{way}: {statistics.median(epochs[way]):.2f}s per epoch, {ratios[way]:.2f}x the baseline beside it, "
               f"final test accuracy {accuracy[way]:.4f} after {args.epochs} epoch(s)")
     best = min(ratios, key=ratios.__getitem__)
     ok = ratios[best] <= TARGET

@@ -185,6 +185,9 @@ def _train(config: TrainConfig, log: Callable[[str], None], resume: str | None, 
         torch.set_rng_state(state["rng_state"])
         metrics, start = list(ckpt["metrics"][: state["epoch"]]), state["epoch"] + 1
         log(f"resuming from {resume} after epoch {state['epoch']}/{config.epochs}")
+    if all_reduce_sum([start], device, world)[0] != start * world.size:
+        raise BnpipeError(f"ranks disagree on where to resume; every node must read {resume or config.out} "
+                          "(put it on a shared file system)")
     if config.bn == "sync":
         model = to_sync_bn(model, device)
     net = model  # the bare module: evaluated and saved; `model` may wrap it in DDP for training
