@@ -53,7 +53,11 @@ def train(ctx: click.Context, resume: str | None, nproc_per_node: int | None, **
     """
     given = {k: v for k, v in options.items() if ctx.get_parameter_source(k) != ParameterSource.DEFAULT}
     if nproc_per_node is not None:
-        from bnpipe.train.distributed import launch
+        from bnpipe.errors import BnpipeError
+        from bnpipe.train.distributed import launch, launched_by_torchrun
+
+        if launched_by_torchrun():
+            raise BnpipeError("--nproc-per-node: this process is already a torchrun worker; give the count to torchrun")
 
         if resume is not None:
             given["resume"] = resume
