@@ -20,6 +20,7 @@ import torch
 from bnpipe.errors import BnpipeError
 from bnpipe.train.checkpoint import load_checkpoint
 from bnpipe.train.config import TrainConfig
+from bnpipe.train.distributed import restart_count
 
 # Settings a resumed run may change: where the data is, where it runs and waits, where it writes.
 FREE_FIELDS = ("data", "device", "dist_timeout", "out")
@@ -81,7 +82,7 @@ def restart_checkpoint(config: TrainConfig) -> Path | None:
     holds this run's state (same torchrun run id) and is not yet finished.
     """
     out = Path(config.out)
-    if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) < 1 or not out.is_file():
+    if restart_count() < 1 or not out.is_file():
         return None
     state = load_checkpoint(out).get("resume")
     if not isinstance(state, dict) or state.get("run_id") != os.environ.get("TORCHELASTIC_RUN_ID", ""):
@@ -105,7 +106,7 @@ def kill_hook(rank: int, steps_before: int) -> Callable[[int], None] | None:
         steps_before: Global steps done before the epoch this hook is for; steps count from 1.
     """
     spec = os.environ.get(KILL_ENV)
-    if not spec or int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0:
+    if not spec or restart_count() > 0:
         return None
     kill_rank, kill_step = (int(v) for v in spec.split(":"))
     if kill_rank != rank:

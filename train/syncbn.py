@@ -16,7 +16,7 @@ import torch.distributed as dist
 import torch.distributed.nn.functional as dist_autograd
 from torch import nn
 
-from bnpipe.train.batchnorm import ScratchBatchNorm2d
+from bnpipe.train.batchnorm import BatchStats, ScratchBatchNorm2d
 
 # torch 2.14 deprecates this module for _functional_collectives, whose all_reduce has no backward.
 warnings.filterwarnings("ignore", message=r"torch\.distributed\.nn\.functional\.all_reduce is deprecated",
@@ -49,25 +49,11 @@ class SyncScratchBatchNorm2d(ScratchBatchNorm2d):
     layer.
     """
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Normalize [N, C, H, W] with the statistics of the global batch; update the moving ones."""
-        if not (self.training and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
-            return super().forward(x)
-        if x.dim() != 4:
-            raise ValueError(f"SyncScratchBatchNorm2d expects [N, C, H, W] input, got shape {tuple(x.shape)}")
-        mean, var, n = sync_batch_stats(x)
-        if n <= 1:
-            raise ValueError(f"batch norm needs more than 1 value per channel when training, got {n} over all ranks")
-        self.num_batches_tracked.add_(1)
-        momentum = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
-        with torch.no_grad():
-            self.running_mean.mul_(1 - momentum).add_(mean.detach(), alpha=momentum)
-            self.running_var.mul_(1 - momentum).add_(var.detach() * (n / (n - 1)), alpha=momentum)
-        shape = [1, x.shape[1], 1, 1]
-        y = (x - mean.reshape(shape)) * torch.rsqrt(var.reshape(shape) + self.eps)
-        if self.weight is not None:
-            y = y * self.weight.reshape(shape) + self.bias.reshape(shape)
-        return y
+    def batch_stats(self) -> BatchStats | None:
+        """The statistics of the global batch when several ranks train together."""
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            return sync_batch_stats
+        return None
 
 
 def to_sync_bn(model: nn.Module, device: torch.device) -> nn.Module:
