@@ -84,14 +84,19 @@ def init_world(device: torch.device, timeout_s: float) -> tuple[World, torch.dev
     where = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
     try:
         with _stderr_held_back() as held:
-            dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s),
+            timeout = timedelta(seconds=timeout_s)
+            store, _, _ = next(dist.rendezvous("env://", world.rank, world.size, timeout=timeout))
+            # torchrun may keep its store across restarts: a fresh prefix per attempt, or the restarted
+            # ranks could read the dead ranks' gloo addresses from the last attempt.
+            store = dist.PrefixStore(f"bnpipe/attempt_{restart_count()}", store)
+            dist.init_process_group(backend, store=store, rank=world.rank, world_size=world.size, timeout=timeout,
                                     device_id=device if device.type == "cuda" else None)
             # The first collective proves that every rank is there, within the timeout, not at step 1.
             dist.barrier()
         sys.stderr.write("".join(held))  # joined: what c10d said goes out after all
     except Exception as exc:  # noqa: BLE001 - c10d raises DistStoreError, RuntimeError, TimeoutError, ValueError
         raise BnpipeError(f"distributed setup: rank {world.rank} of {world.size} could not join the {backend} "
-                          f"process group at {where} within {timeout_s:g}s ({one_line(exc, 160)})") from None
+                          f"process group at {where} (timeout {timeout_s:g}s): {one_line(exc, 160)}") from None
     return world, device
 
 
