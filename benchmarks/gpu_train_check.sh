@@ -41,3 +41,10 @@ import torch
 a, b = (torch.load(p, weights_only=True)['state_dict'] for p in ('/tmp/m/a.pt', '/tmp/m/b.pt'))
 print('identical:', all(torch.equal(a[k], b[k]) for k in a), ' max diff:', max((a[k].double() - b[k].double()).abs().max().item() for k in a))"
 ls -la /tmp/m
+echo "== torchrun --nproc-per-node 1 --bn sync: NCCL and nn.SyncBatchNorm (1 epoch)"
+python3 -m torch.distributed.run --standalone --nproc-per-node 1 -m bnpipe train --device cuda --bn sync --epochs 1 \
+    --precise-bn 50 --data /tmp/data --out /tmp/m/sync.pt
+python3 -c "
+import torch
+c = torch.load('/tmp/m/sync.pt', weights_only=True)
+print('arch bn:', c['arch']['bn'], ' resume epoch:', c['resume']['epoch'], ' test_acc:', c['metrics'][-1]['test_acc'])"

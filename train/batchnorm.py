@@ -2,8 +2,19 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
+
+
+BatchStats = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor, int]]
+
+
+def local_batch_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Mean [C], biased variance [C] and the number of values per channel of [N, C, *spatial] ``x``."""
+    dims = [0, *range(2, x.dim())]
+    return x.mean(dim=dims), x.var(dim=dims, correction=0), x.numel() // x.shape[1]
 
 
 def batch_norm(
@@ -15,6 +26,7 @@ def batch_norm(
     training: bool,
     momentum: float = 0.1,
     eps: float = 1e-5,
+    batch_stats: BatchStats | None = None,
 ) -> torch.Tensor:
     """Batch normalization of [N, C] or [N, C, *spatial] inputs, one statistic per channel C.
 
@@ -41,20 +53,19 @@ def batch_norm(
         training: Normalize with batch statistics and update the moving ones.
         momentum: Weight of the new batch in the moving statistics.
         eps: Added to the variance for numerical stability.
+        batch_stats: Computes the batch's mean, biased variance and values per channel in training;
+            :func:`local_batch_stats` by default (``bnpipe.train.syncbn`` passes one over all ranks).
 
     Returns:
         The normalized tensor, same shape as ``x``.
     """
     if x.dim() < 2:
         raise ValueError(f"batch_norm expects [N, C, ...] input, got shape {tuple(x.shape)}")
-    dims = [0, *range(2, x.dim())]
     shape = [1, x.shape[1]] + [1] * (x.dim() - 2)  # broadcast a [C] statistic against x
     if training:
-        n = x.numel() // x.shape[1]
+        mean, var, n = (batch_stats or local_batch_stats)(x)
         if n <= 1:
             raise ValueError(f"batch_norm needs more than 1 value per channel when training, got shape {tuple(x.shape)}")
-        mean = x.mean(dim=dims)
-        var = x.var(dim=dims, correction=0)
         with torch.no_grad():
             moving_mean.mul_(1 - momentum).add_(mean.detach(), alpha=momentum)
             moving_var.mul_(1 - momentum).add_(var.detach() * (n / (n - 1)), alpha=momentum)
@@ -94,7 +105,11 @@ class ScratchBatchNorm2d(nn.Module):
             if momentum is None:  # cumulative moving average, as in PyTorch
                 momentum = 1.0 / float(self.num_batches_tracked)
         return batch_norm(x, self.weight, self.bias, self.running_mean, self.running_var,
-                          self.training, momentum if momentum is not None else 0.0, self.eps)
+                          self.training, momentum if momentum is not None else 0.0, self.eps, self.batch_stats())
+
+    def batch_stats(self) -> BatchStats | None:
+        """How training computes the batch statistics: None for this batch alone."""
+        return None
 
     def extra_repr(self) -> str:
         """The constructor arguments, as ``nn.BatchNorm2d`` prints them."""

@@ -31,8 +31,12 @@ def save_checkpoint(
     labels: list[str],
     config: dict[str, Any],
     metrics: list[dict[str, float]],
+    extra: dict[str, Any] | None = None,
 ) -> None:
-    """Write a checkpoint atomically (temporary file, then rename)."""
+    """Write a checkpoint atomically (temporary file, then rename).
+
+    ``extra`` adds fields that later stages ignore, such as ``resume`` (see `bnpipe.train.resume`).
+    """
     payload = {
         "format": FORMAT,
         "bnpipe_version": __version__,
@@ -42,6 +46,7 @@ def save_checkpoint(
         "config": config,
         "metrics": metrics,
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        **(extra or {}),
     }
     # Serialized in memory first: torch.save reports a full disk as a RuntimeError, not an OSError.
     buffer = io.BytesIO()

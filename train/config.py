@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-BN_CHOICES = ("torch", "scratch", "none")
+BN_CHOICES = ("torch", "scratch", "none")  # what a checkpoint's architecture may hold
+TRAIN_BN_CHOICES = (*BN_CHOICES, "sync")  # sync: statistics over all ranks; recorded as torch (CUDA) or scratch (CPU)
 NORMALIZE_MODES = ("half", "dataset")
 SCHEDULES = ("none", "cosine", "onecycle")
 DEVICES = ("auto", "cpu", "cuda")
@@ -33,4 +34,6 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     limit_train: int | None = None
+    precise_bn: int = 0
+    dist_timeout: float = 300.0
     out: str = DEFAULT_CHECKPOINT
