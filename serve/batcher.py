@@ -82,15 +82,10 @@ class Batcher:
             raise QueueFull(f"the queue is full ({self.queued} of {self.max_queue} images waiting)")
         future = self._loop.create_future()
         with self._cond:
-            wake = not self._queue
             self._queue.append(_Pending(pixels, future, time.perf_counter()))
             self.queued += n
             self.busy += 1
-            # Wake the worker only when `_take` would stop waiting: the first request, a full
-            # batch, or every request in service queued. Otherwise its deadline wakes it: each
-            # wake-up is a thread switch and a GIL hand-off, paid on the event loop's CPU.
-            if wake or self.queued >= self.max_batch or self.busy <= len(self._queue):
-                self._cond.notify()
+            self._cond.notify()
         return future
 
     def stop(self, timeout: float = 30.0) -> None:
