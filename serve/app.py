@@ -20,7 +20,8 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import FileResponse, Response
-from starlette.routing import Route
+from starlette.routing import Match, Route
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from bnpipe import __version__
 from bnpipe.errors import one_line
@@ -29,7 +30,9 @@ from bnpipe.serve.batcher import Batcher, QueueFull, Stopped
 from bnpipe.serve.metrics import CONTENT_TYPE, Metrics
 from bnpipe.serve.runtime import Model
 from bnpipe.serve.triton_config import TensorSpec
-from bnpipe.serve.v2 import V2Error, encode_infer, error_body, model_metadata, parse_infer, server_metadata
+from bnpipe.serve.header_cache import HeaderCache
+from bnpipe.serve.v2 import V2Error, encode_infer, parse_infer
+from bnpipe.serve.v2_meta import error_body, model_metadata, server_metadata
 
 EXTENSIONS = ("binary_tensor_data", "model_configuration")
 PAGE = Path(__file__).parent / "static" / "index.html"
@@ -106,8 +109,10 @@ def _answer(request: Request, body: bytes, media_type: str, headers: dict[str, s
     return Response(body, 200, headers, media_type)
 
 
-def build_app(state: ServeState) -> Starlette:
+def build_app(state: ServeState) -> ASGIApp:
     """The ASGI app serving ``state``'s model. The batcher starts and stops with the app's lifespan."""
+
+    header_cache = HeaderCache(state.name, state.inputs, state.outputs, state.batcher.max_batch)
 
     def route(path: str, fn: Callable[[ServeState, Request], Awaitable[Response]], method: str) -> Route:
         count = state.metrics.request
@@ -156,10 +161,10 @@ def build_app(state: ServeState) -> Starlette:
         if raw is not None and not raw.isdigit():
             raise V2Error(f"Inference-Header-Content-Length {raw[:40]!r} is not a number")
         body = await _body(state, request)
-        args = (body, None if raw is None else int(raw), state.name, state.inputs, state.outputs,
-                state.batcher.max_batch)
+        json_size = None if raw is None else int(raw)
         # A large JSON body takes a while to parse: off the event loop, so that others are not held up.
-        parsed = parse_infer(*args) if len(body) < LARGE_BODY else await run_in_threadpool(parse_infer, *args)
+        parsed = (header_cache.parse(body, json_size) if len(body) < LARGE_BODY else
+                  await run_in_threadpool(parse_infer, body, json_size, *header_cache.spec))
         logits = await _infer_rows(state, parsed.inputs[state.inputs[0].name])
         results = {state.outputs[0].name: logits}
         content, header_length = encode_infer(state.name, state.version, parsed.id,
@@ -212,5 +217,21 @@ def build_app(state: ServeState) -> Starlette:
         return error(exc.detail if exc.status_code != 404 else f"no route {request.url.path[:200]}",
                      exc.status_code, dict(exc.headers or {}))
 
-    return Starlette(routes=routes, lifespan=lifespan, exception_handlers={HTTPException: http_error})
+    app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={HTTPException: http_error})
+    infer_routes = [r for r in routes if r.path.endswith("/infer")]
+
+    async def asgi(scope: Scope, receive: Receive, send: Send) -> None:
+        # The hot path: a POST to .../infer goes straight to its endpoint, past Starlette's
+        # middleware and router, whose layers cost more CPU per request than the V2 parse. The
+        # endpoint answers every error itself; everything else (a GET there: 405) goes through Starlette.
+        for infer_route in infer_routes:
+            match, child_scope = infer_route.matches(scope)
+            if match is Match.FULL:
+                scope.update(child_scope, app=app)
+                response = await infer_route.endpoint(Request(scope, receive, send))
+                await response(scope, receive, send)
+                return
+        await app(scope, receive, send)
+
+    return asgi
 

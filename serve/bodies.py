@@ -5,6 +5,7 @@ Pure functions except `read_body`, which only drains an ASGI request's stream.
 
 from __future__ import annotations
 
+import functools
 import zlib
 from collections.abc import AsyncIterator
 
@@ -80,6 +81,7 @@ def inflate(data: bytes, encoding: str, limit: int) -> bytes:
     raise V2Error(f"the body is not valid {encoding} data ({error})")
 
 
+@functools.lru_cache(maxsize=64)  # a client sends the same header each time
 def accepted_encoding(accept_encoding: str | None) -> str | None:
     """The encoding to answer with: the first of gzip and deflate that ``Accept-Encoding`` allows."""
     if not accept_encoding:

@@ -99,7 +99,7 @@ def serve_forever(state: ServeState, sock: socket.socket, url: str) -> None:
 
     config = uvicorn.Config(build_app(state), loop=_have("uvloop", "asyncio"), http=_have("httptools", "h11"),
                             lifespan="on", log_level="warning", access_log=False, timeout_graceful_shutdown=30,
-                            server_header=False)
+                            server_header=False, proxy_headers=False)  # no client addresses used: no access log
     Server(config).run(sockets=[sock])
 
 

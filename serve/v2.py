@@ -113,8 +113,34 @@ def parse_infer(body: bytes, header_length: int | None, model: str, inputs: Sequ
     size = len(body) if header_length is None else header_length
     if size < 0 or size > len(body):
         raise V2Error(f"Inference-Header-Content-Length {header_length} is outside the body's {len(body)} bytes")
+    return parse_header(body[:size], len(body), model, inputs, outputs, max_batch).bind(body)
+
+
+@dataclass
+class InferHeader:
+    """A request's JSON header, checked against the model and the body's length (`parse_header`)."""
+
+    id: str | None
+    inputs: list[tuple[str, list[int], np.dtype, int | np.ndarray]]  # name, shape, dtype, binary offset or JSON data
+    outputs: list[tuple[str, bool]]
+
+    def bind(self, body: bytes) -> InferRequest:
+        """The request, each binary input viewed in ``body`` (of the length the header was checked with)."""
+        arrays = {name: (np.frombuffer(body, dtype, math.prod(shape), data) if isinstance(data, int) else data)
+                  .reshape(shape) for name, shape, dtype, data in self.inputs}
+        return InferRequest(self.id, arrays, self.outputs)
+
+
+def parse_header(header_bytes: bytes, body_size: int, model: str, inputs: Sequence[TensorSpec],
+                 outputs: Sequence[TensorSpec], max_batch: int) -> InferHeader:
+    """Decode and check a request's JSON header, the first part of a body of ``body_size`` bytes.
+
+    As `parse_infer`, which binds the result to the body; a header depends on nothing else, so the
+    server parses each distinct binary-request header once (`HeaderCache`).
+    """
+    size = len(header_bytes)
     try:
-        header = json.loads(body[:size])
+        header = json.loads(header_bytes)
     except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
         raise V2Error(f"failed to parse the request JSON buffer: {' '.join(str(exc).split())[:200]}") from None
     if not isinstance(header, dict):
@@ -126,7 +152,7 @@ def parse_infer(body: bytes, header_length: int | None, model: str, inputs: Sequ
     if not isinstance(given, list):
         raise V2Error(f"the request for model '{model}' has no 'inputs' list")
     specs = {s.name: s for s in inputs}
-    arrays: dict[str, np.ndarray] = {}
+    parsed: dict[str, tuple[str, list[int], np.dtype, int | np.ndarray]] = {}
     offset = size
     for entry in given:
         if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
@@ -135,7 +161,7 @@ def parse_infer(body: bytes, header_length: int | None, model: str, inputs: Sequ
         spec = specs.get(name)
         if spec is None:
             raise V2Error(f"unexpected inference input '{name}' for model '{model}'")
-        if name in arrays:
+        if name in parsed:
             raise V2Error(f"input '{name}' is given more than once")
         where = f"input '{name}'"
         if entry.get("datatype") != spec.datatype:
@@ -148,30 +174,31 @@ def parse_infer(body: bytes, header_length: int | None, model: str, inputs: Sequ
         if not isinstance(params, dict):
             raise V2Error(f"{where}: 'parameters' must be an object")
         nbytes = params.get("binary_data_size")
+        data: int | np.ndarray
         if nbytes is not None:
             expected = count * DTYPES[spec.datatype].itemsize
             if not isinstance(nbytes, int) or isinstance(nbytes, bool) or nbytes != expected:
                 raise V2Error(f"unexpected size for input '{name}', expecting {expected} bytes for model "
                               f"'{model}', got binary_data_size {json.dumps(nbytes)[:40]}")
-            if offset + nbytes > len(body):
-                raise V2Error(f"{where}: binary data ends at byte {offset + nbytes}, past the body's {len(body)}")
-            flat = np.frombuffer(body, DTYPES[spec.datatype], count, offset)
+            if offset + nbytes > body_size:
+                raise V2Error(f"{where}: binary data ends at byte {offset + nbytes}, past the body's {body_size}")
+            data = offset
             offset += nbytes
         elif "data" in entry:
-            flat = _json_data(entry["data"], spec, count, where)
+            data = _json_data(entry["data"], spec, count, where)
         else:
             raise V2Error(f"input '{name}' has no data: give 'data' or parameters.binary_data_size")
-        arrays[name] = flat.reshape(shape)
-    if offset != len(body):
-        raise V2Error(f"the body has {len(body) - offset} bytes of binary data that no input claims")
-    missing = [s.name for s in inputs if s.name not in arrays]
+        parsed[name] = (name, shape, DTYPES[spec.datatype], data)
+    if offset != body_size:
+        raise V2Error(f"the body has {body_size - offset} bytes of binary data that no input claims")
+    missing = [s.name for s in inputs if s.name not in parsed]
     if missing:
-        raise V2Error(f"expected {len(inputs)} inputs but got {len(arrays)} inputs for model '{model}' "
+        raise V2Error(f"expected {len(inputs)} inputs but got {len(parsed)} inputs for model '{model}' "
                       f"(missing {', '.join(repr(m) for m in missing)})")
-    batches = {a.shape[0] for a in arrays.values()}
+    batches = {shape[0] for _, shape, _, _ in parsed.values()}
     if len(batches) > 1:
         raise V2Error(f"the inputs of model '{model}' have different batch sizes {sorted(batches)}")
-    return InferRequest(request_id, arrays, _requested(header, outputs, model))
+    return InferHeader(request_id, list(parsed.values()), _requested(header, outputs, model))
 
 
 def _flag(params: Any, key: str, where: str) -> bool:
@@ -250,24 +277,3 @@ def _v2_type(dtype: np.dtype) -> str:
         return _V2_NAMES[dtype]
     except KeyError:
         raise ValueError(f"no V2 datatype for numpy {dtype}") from None
-
-
-def error_body(message: str) -> bytes:
-    """The JSON body of an error answer: ``{"error": "..."}`` on one line."""
-    return json.dumps({"error": " ".join(message.split())}).encode()
-
-
-def server_metadata(name: str, version: str, extensions: Sequence[str]) -> dict[str, Any]:
-    """The answer to ``GET /v2``."""
-    return {"name": name, "version": version, "extensions": list(extensions)}
-
-
-def model_metadata(name: str, version: str, platform: str, inputs: Sequence[TensorSpec],
-                   outputs: Sequence[TensorSpec]) -> dict[str, Any]:
-    """The answer to ``GET /v2/models/{name}``: platform, and each tensor with its batch axis as -1."""
-    return {"name": name, "versions": [version], "platform": platform,
-            "inputs": [_tensor(s) for s in inputs], "outputs": [_tensor(s) for s in outputs]}
-
-
-def _tensor(spec: TensorSpec) -> dict[str, Any]:
-    return {"name": spec.name, "datatype": spec.datatype, "shape": list(spec.shape)}

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from bnpipe.serve.bodies import accepted_encoding, compress, inflate
+from bnpipe.serve.header_cache import HeaderCache
 from bnpipe.serve.triton_config import TensorSpec
 from bnpipe.serve.v2 import V2Error, encode_infer, parse_infer
 
@@ -186,3 +187,35 @@ def test_mutated_requests_only_ever_raise_v2error() -> None:
                         OUTPUTS, 8)
         except V2Error as exc:
             assert "\n" not in str(exc)
+
+
+def test_header_cache_answers_as_parse_infer_and_keeps_only_binary_headers() -> None:
+    cache = HeaderCache("m", INPUTS, OUTPUTS, 8, size=4)
+    rng = np.random.default_rng(1)
+    heads = [json.dumps(h).encode() for h in [
+        {"id": "x", "inputs": [pixels_input([2, 1, 28, 28], parameters={"binary_data_size": 1568})]},
+        {"inputs": [pixels_input([1, 1, 28, 28], data=[3] * 784)]},
+        {"inputs": [pixels_input([1, 1, 28, 28], parameters={"binary_data_size": 784})], "outputs": [{"name": "no"}]}]]
+    heads.append(b"{not json")
+
+    def outcome(fn: Any, *args: Any) -> Any:
+        try:
+            return fn(*args)
+        except V2Error as exc:
+            return f"{exc.status} {exc}"
+
+    for _ in range(3):  # then from the cache, with new data each time
+        for head in heads:
+            for extra in (0, 784, 1568, 1569):
+                body = head + rng.integers(0, 256, extra, dtype=np.uint8).tobytes()
+                for length in (len(head), None, len(body) + 1):
+                    want = outcome(parse_infer, body, length, "m", INPUTS, OUTPUTS, 8)
+                    got = outcome(cache.parse, body, length)
+                    if isinstance(want, str):
+                        assert got == want
+                    else:
+                        assert (got.id, got.outputs, list(got.inputs)) == (want.id, want.outputs, list(want.inputs))
+                        assert got.inputs["pixels"].dtype == np.uint8
+                        assert np.array_equal(got.inputs["pixels"], want.inputs["pixels"])
+    assert len(cache._headers) == 1  # the one valid binary header; errors and JSON data are not kept
+
