@@ -49,3 +49,20 @@ def test_none_is_a_baseline_without_bn() -> None:
 def test_build_model_refuses_another_architecture() -> None:
     with pytest.raises(ValueError, match="resnet"):
         build_model(dict(default_arch(), name="resnet"))
+
+
+def test_pool_before_relu_matches_the_tutorial_order_in_outputs_and_gradients() -> None:
+    torch.manual_seed(0)
+    model = build_model(default_arch("torch"))
+    f = model.features
+    assert isinstance(f[2], torch.nn.MaxPool2d) and isinstance(f[3], torch.nn.ReLU)
+    tutorial = torch.nn.Sequential(f[0], f[1], f[3], f[2], f[4], f[5], f[7], f[6])  # ReLU, then pool
+    x = torch.randn(16, 1, 28, 28)
+    grads = []
+    for features in (f, tutorial):
+        model.zero_grad()
+        out = model.classifier(features(x).flatten(1))
+        out.square().sum().backward()
+        grads.append((out.detach(), [p.grad.clone() for p in model.parameters()]))
+    assert torch.equal(grads[0][0], grads[1][0])
+    assert all(torch.equal(a, b) for a, b in zip(grads[0][1], grads[1][1]))
