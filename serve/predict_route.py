@@ -17,11 +17,10 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 
 from bnpipe.serve.image import ImageError, load_digit
+from bnpipe.serve.inputs import STDIN  # predict's name for an image without a file name
 from bnpipe.serve.output import json_line
 from bnpipe.serve.predict import Prediction, rank, softmax
 from bnpipe.serve.v2 import V2Error
-
-STDIN_NAME = "-"  # what predict calls an image that has no file name (stdin)
 
 
 def _query_int(request: Request, key: str, default: int, low: int) -> int:
@@ -41,7 +40,7 @@ async def image_bytes(request: Request, body: bytes) -> tuple[bytes, str]:
     """The image and its name: the multipart field ``file`` (named by its filename), or the body."""
     content_type = request.headers.get("content-type", "")
     if not content_type.lower().startswith("multipart/form-data"):
-        return body, STDIN_NAME
+        return body, STDIN
     from starlette.formparsers import MultiPartException, MultiPartParser
 
     try:
@@ -52,7 +51,7 @@ async def image_bytes(request: Request, body: bytes) -> tuple[bytes, str]:
     if upload is None or isinstance(upload, str):
         raise V2Error("the multipart body has no file field 'file'")
     try:
-        return await upload.read(), upload.filename or STDIN_NAME
+        return await upload.read(), upload.filename or STDIN
     finally:
         await form.close()
 
