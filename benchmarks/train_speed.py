@@ -1,8 +1,10 @@
 """Seconds per training epoch (train + test eval) of bnpipe's ways to train, against a tutorial-style baseline.
 
-The baseline is what the tutorial did: torchvision MNIST with a per-sample numpy transform, a
-DataLoader with batch 64, a sync per batch for the metrics, in this process with torch's default
-threads. The bnpipe ways run as `bnpipe train` processes, and their epoch seconds are read from
+The baseline is what the tutorial did: its net in stock ``torch.nn`` layers, in its order (Conv, BN,
+ReLU, MaxPool), torchvision MNIST with a per-sample numpy transform, a DataLoader with batch 64, a
+sync per batch for the metrics, in this process with torch's default threads. It uses bnpipe's
+optimizer settings (SGD with momentum and weight decay, no schedule), so that the ratio measures
+the pipeline and the layers, not the recipe. The bnpipe ways run as `bnpipe train` processes, and their epoch seconds are read from
 the JSON sidecar (training and test evaluation of each epoch, not process start-up):
 
 - 1 process x 2 threads: `bnpipe train` as it always ran;
@@ -36,6 +38,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torch.utils.data import DataLoader, Subset
 from torchvision.datasets import MNIST
 
@@ -54,13 +57,22 @@ WAYS = {
 }
 
 
+def tutorial_net() -> nn.Module:
+    """The tutorial's net as it wrote it: stock layers, ReLU before each pool (convs without bias, as bnpipe's)."""
+    return nn.Sequential(
+        nn.Conv2d(1, 6, 3, padding=1, bias=False), nn.BatchNorm2d(6), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(6, 16, 5, bias=False), nn.BatchNorm2d(16), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Linear(16 * 5 * 5, 10),
+    )
+
+
 def tutorial_epoch(root: Path, cfg: TrainConfig, limit: int | None) -> float:
     """Seconds for one tutorial-style epoch: per-sample transform, DataLoader, per-batch .item()."""
 
     def transform(img: object) -> torch.Tensor:
         return torch.from_numpy(((np.asarray(img, dtype=np.float32) / 255.0 - 0.5) / 0.5)[None])
 
-    model = build_model(default_arch())
+    model = tutorial_net()
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     t0 = time.perf_counter()
     train_set = MNIST(str(root), train=True, transform=transform)
@@ -118,8 +130,9 @@ def breakdown(root: Path, cfg: TrainConfig) -> None:
         row = {}
         for name, kw, layout in (("step", {}, torch.contiguous_format), ("step, foreach SGD", {"foreach": True}, None),
                                  ("step, fused SGD", {"fused": True}, None),
-                                 ("step, channels_last", {}, torch.channels_last)):
-            model = build_model(default_arch()).to(memory_format=layout or torch.contiguous_format)
+                                 ("step, channels_last", {}, torch.channels_last), ("step, tutorial's net", {}, None)):
+            net = tutorial_net() if "tutorial" in name else build_model(default_arch())
+            model = net.to(memory_format=layout or torch.contiguous_format)
             opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4, **kw)
             xb = x.contiguous(memory_format=layout or torch.contiguous_format)
 

@@ -27,6 +27,13 @@ def test_folded_graph_has_no_batchnorm_and_unfolded_keeps_both(exported_models: 
 
 
 @pytest.mark.parametrize("kind", ["onnx_folded", "onnx_unfolded"])
+def test_pools_export_as_maxpool_nodes(exported_models: dict[str, Path], kind: str) -> None:
+    # The CPU fast path of bnpipe.train.maxpool must not leak into the graph as Max/Slice ops.
+    ops = _ops(exported_models[kind])
+    assert ops["MaxPool"] == 2 and ops["Max"] == 0
+
+
+@pytest.mark.parametrize("kind", ["onnx_folded", "onnx_unfolded"])
 @pytest.mark.parametrize("batch", [1, 7])
 def test_onnx_matches_pytorch_eval(exported_models: dict[str, Path], kind: str, batch: int) -> None:
     pixels = np.random.default_rng(batch).integers(0, 256, size=(batch, 1, 28, 28), dtype=np.uint8)

@@ -9,6 +9,7 @@ from torch import nn
 
 from bnpipe.train.batchnorm import ScratchBatchNorm2d
 from bnpipe.train.config import BN_CHOICES
+from bnpipe.train.maxpool import MaxPool2x2
 
 ARCH_NAME = "bn_convnet"
 
@@ -29,15 +30,16 @@ class BNConvNet(nn.Module):
     Shapes: [N,1,28,28] -> [N,6,28,28] -> pool [N,6,14,14] -> [N,16,10,10] -> pool [N,16,5,5]
     -> flatten [N,400] -> [N,10]. With BN the convs have no bias: BN's shift makes it redundant.
     Each pool runs before its ReLU: max and ReLU commute (values and gradients), and ReLU then
-    touches 4x fewer elements. Neither has parameters, so the state_dict keys are unchanged.
+    touches 4x fewer elements. Neither has parameters, so the state_dict keys are unchanged. The
+    pools are ``nn.MaxPool2d(2)`` with a faster CPU path (`bnpipe.train.maxpool`).
     """
 
     def __init__(self, bn: str = "torch", in_channels: int = 1, num_classes: int = 10) -> None:
         super().__init__()
         conv_bias = bn == "none"
         self.features = nn.Sequential(
-            nn.Conv2d(in_channels, 6, 3, padding=1, bias=conv_bias), _norm(bn, 6), nn.MaxPool2d(2), nn.ReLU(),
-            nn.Conv2d(6, 16, 5, bias=conv_bias), _norm(bn, 16), nn.MaxPool2d(2), nn.ReLU(),
+            nn.Conv2d(in_channels, 6, 3, padding=1, bias=conv_bias), _norm(bn, 6), MaxPool2x2(), nn.ReLU(),
+            nn.Conv2d(6, 16, 5, bias=conv_bias), _norm(bn, 16), MaxPool2x2(), nn.ReLU(),
         )
         self.classifier = nn.Linear(16 * 5 * 5, num_classes)
 

@@ -1,0 +1,48 @@
+"""The CPU fast max pool against F.max_pool2d: values and gradients bit for bit, ties included."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from bnpipe.train.maxpool import MaxPool2x2, max_pool_2x2
+
+
+def _tied(shape: tuple[int, ...], dtype: torch.dtype, seed: int = 0) -> torch.Tensor:
+    """Values on a coarse grid, so that most 2x2 windows hold ties, as MNIST's flat background does."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(-2, 3, shape, generator=g).to(dtype) / 2
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", [(4, 3, 8, 6), (64, 6, 28, 28), (2, 16, 10, 10)])
+def test_values_and_gradients_match_max_pool2d(shape: tuple[int, ...], dtype: torch.dtype) -> None:
+    x = _tied(shape, dtype)
+    grad = torch.randn(shape[0], shape[1], shape[2] // 2, shape[3] // 2, dtype=dtype)
+    a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ours, ref = max_pool_2x2(a), F.max_pool2d(b, 2)
+    ours.backward(grad)
+    ref.backward(grad)
+    assert torch.equal(ours, ref)
+    assert torch.equal(a.grad, b.grad)  # each window's gradient lands on max_pool2d's pick, even with ties
+
+
+def test_without_grad_same_values() -> None:
+    x = torch.randn(3, 2, 12, 8)
+    with torch.inference_mode():
+        assert torch.equal(max_pool_2x2(x), F.max_pool2d(x, 2))
+
+
+def test_layer_falls_back_where_the_fast_path_does_not_apply() -> None:
+    pool = MaxPool2x2()
+    odd = torch.randn(2, 3, 7, 9, requires_grad=True)
+    assert torch.equal(pool(odd), F.max_pool2d(odd, 2))  # floor mode drops the last row and column
+    strided = torch.randn(2, 3, 8, 8).transpose(2, 3)
+    assert torch.equal(pool(strided), F.max_pool2d(strided, 2))
+    assert pool.kernel_size == 2 and pool.stride == 2 and isinstance(pool, torch.nn.MaxPool2d)
+
+
+def test_gradcheck() -> None:
+    x = torch.randn(2, 2, 4, 6, dtype=torch.float64, requires_grad=True)  # no ties: a smooth point
+    assert torch.autograd.gradcheck(max_pool_2x2, (x,))
