@@ -42,6 +42,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from bnpipe.serve.runtime import serving_threads, usable_cpus
+
 HERE = Path(__file__).resolve().parent
 BIN = Path(sys.executable).parent
 CONCURRENCY = (1, 8, 64)
@@ -227,7 +229,7 @@ def main() -> int:
             cmd, env, span = plan[name]
             port = free_port(span)
             if name.startswith("Triton"):
-                cmd = cmd + [str(port), str(min(4, len(os.sched_getaffinity(0)))), args.device]
+                cmd = cmd + [str(port), str(serving_threads(usable_cpus())), args.device]  # as bnpipe serve
             elif name.startswith("bare"):
                 cmd = cmd + [str(port)]
             else:
