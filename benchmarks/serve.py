@@ -42,8 +42,6 @@ import tempfile
 import time
 from pathlib import Path
 
-from bnpipe.serve.runtime import serving_threads, usable_cpus
-
 HERE = Path(__file__).resolve().parent
 BIN = Path(sys.executable).parent
 CONCURRENCY = (1, 8, 64)
@@ -229,7 +227,7 @@ def main() -> int:
             cmd, env, span = plan[name]
             port = free_port(span)
             if name.startswith("Triton"):
-                cmd = cmd + [str(port), str(serving_threads(usable_cpus())), args.device]  # as bnpipe serve
+                cmd = cmd + [str(port), str(min(4, len(os.sched_getaffinity(0)))), args.device]
             elif name.startswith("bare"):
                 cmd = cmd + [str(port)]
             else:

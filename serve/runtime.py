@@ -126,15 +126,6 @@ def intra_op_threads() -> int:
     return max(1, min(4, usable_cpus()))
 
 
-def serving_threads(cpus: int) -> int:
-    """Threads for the server's session on ``cpus`` CPUs: one is left to the event loop (1 to 4).
-
-    On 2 cores a second intra-op thread took the event loop's core in every batch: at
-    concurrency 64 the p99 latency was about 10% longer, the throughput no higher.
-    """
-    return max(1, min(4, cpus - 1))
-
-
 @dataclass
 class Model:
     """A loaded model: the session, its labels and metadata, and the provider that runs it."""

@@ -60,13 +60,13 @@ def load(model_path: str, name: str | None, device: str, max_batch: int, max_del
     from bnpipe.serve.app import ServeState
     from bnpipe.serve.batcher import Batcher
     from bnpipe.serve.metrics import Metrics
-    from bnpipe.serve.runtime import CUDA, Model, serving_threads, usable_cpus
+    from bnpipe.serve.runtime import CUDA, Model
     from bnpipe.serve.triton_config import preferred_batch_sizes, tensor_specs, triton_config
 
     if max_queue < max_batch:
         raise BnpipeError(f"--max-queue {max_queue} is below --max-batch-size {max_batch}: no full batch could wait")
     onnx_path, model_name, version = resolve_model(model_path, name)
-    model = Model.load(onnx_path, device, threads=threads or serving_threads(usable_cpus()))
+    model = Model.load(onnx_path, device, threads=threads)
     inputs, outputs = tensor_specs(model.session.get_inputs()), tensor_specs(model.session.get_outputs())
     config = triton_config(model_name, inputs, outputs, max_batch_size=max_batch, max_queue_delay_us=max_delay_us,
                            device="gpu" if model.provider == CUDA else "cpu")
@@ -150,7 +150,7 @@ def _have(module: str, fallback: str) -> str:
 @click.option("--max-queue", type=click.IntRange(min=1), default=1024, show_default=True,
               help="Images waiting, at most; past it requests get 503.")
 @click.option("--threads", type=click.IntRange(min=0), default=0, show_default=True,
-              help="onnxruntime intra-op threads on the CPU; 0: one per usable CPU but the event loop's, 1 to 4.")
+              help="onnxruntime intra-op threads on the CPU; 0: one per usable CPU, at most 4.")
 @click.option("--max-body-bytes", type=click.IntRange(min=1), default=64 << 20, show_default=True,
               help="Largest request body, before and after inflating; past it 413.")
 def serve(model_path: str, host: str, port: int, device: str, name: str | None, max_batch_size: int,

@@ -13,7 +13,7 @@ import pytest
 
 from bnpipe.errors import BnpipeError
 from bnpipe.serve import cuda
-from bnpipe.serve.runtime import CPU, CUDA, Model, check_contract, plan_providers, provider_that_ran, serving_threads
+from bnpipe.serve.runtime import CPU, CUDA, Model, check_contract, plan_providers, provider_that_ran
 from tests.test_serve_support import LABELS, LAYOUT, build_model, linear_reference
 
 ALL = ["TensorrtExecutionProvider", CUDA, CPU]
@@ -220,7 +220,3 @@ def test_session_options(tmp_path: Path) -> None:
     options = model.session.get_session_options()
     assert options.graph_optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     assert 1 <= options.intra_op_num_threads <= max(1, min(4, os.cpu_count() or 1))
-
-
-def test_serving_threads_leave_one_cpu_to_the_event_loop() -> None:
-    assert [serving_threads(c) for c in (1, 2, 3, 5, 16)] == [1, 1, 2, 4, 4]
