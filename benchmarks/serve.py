@@ -126,8 +126,12 @@ class Server:
         try:
             self.proc.wait(30)
         except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)  # its own group: PyTriton's tritonserver child too
+            self.proc.kill()
             self.proc.wait(10)
+        try:  # its own group: PyTriton's tritonserver and stub can outlive their parent's exit
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
         self.log.close()
 
 

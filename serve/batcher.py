@@ -82,10 +82,15 @@ class Batcher:
             raise QueueFull(f"the queue is full ({self.queued} of {self.max_queue} images waiting)")
         future = self._loop.create_future()
         with self._cond:
+            first = not self._queue
             self._queue.append(_Pending(pixels, future, time.perf_counter()))
             self.queued += n
             self.busy += 1
-            self._cond.notify()
+            # Wake the worker only when `_take` would stop waiting; otherwise its deadline does.
+            # Each wake-up takes the GIL from this loop, which holds it while busy: a wake-up
+            # per request made the worker queue for the GIL instead of running the batch.
+            if first or self.queued >= self.max_batch or self.busy <= len(self._queue):
+                self._cond.notify()
         return future
 
     def stop(self, timeout: float = 30.0) -> None:
@@ -147,3 +152,6 @@ class Batcher:
                     item.future.set_result(out[row:row + n])
             row += n
         self.busy -= len(batch)
+        if self._queue and self.busy <= len(self._queue):  # every request in service is queued: run now
+            with self._cond:
+                self._cond.notify()

@@ -124,3 +124,44 @@ def test_a_failing_model_fails_its_requests_and_the_worker_lives_on() -> None:
         batcher.stop()
 
     run(go)
+
+
+def test_the_worker_runs_at_once_when_every_request_in_service_is_queued() -> None:
+    model = Recorder()
+
+    async def go() -> float:
+        batcher = Batcher(model, max_batch=64, max_delay=2.0, max_queue=256)
+        batcher.start(asyncio.get_running_loop())
+        first = batcher.submit(np.ones((1, 3)))
+        time.sleep(0.2)  # the loop is held: the worker has run `first`, whose answer is not delivered yet
+        t0 = time.perf_counter()
+        second = batcher.submit(np.ones((2, 3)))
+        time.sleep(0.2)  # `first` still counts as in service: the worker waits for the delay
+        await asyncio.gather(first, second)  # delivering `first` leaves only `second` in service
+        elapsed = time.perf_counter() - t0
+        batcher.stop()
+        assert model.sizes == [1, 2]
+        return elapsed
+
+    assert run(go) < 1.0  # not the 2 s delay: no other client will send
+
+
+def test_a_full_batch_runs_without_waiting_for_the_delay() -> None:
+    model = Recorder()
+
+    async def go() -> None:
+        batcher = Batcher(model, max_batch=4, max_delay=2.0, max_queue=256)
+        batcher.start(asyncio.get_running_loop())
+        model.gate.clear()
+        first = batcher.submit(np.ones((1, 3)))
+        await asyncio.sleep(0.05)  # the worker holds `first`
+        queued = [batcher.submit(np.ones((1, 3))), batcher.submit(np.ones((1, 3)))]
+        model.gate.set()
+        time.sleep(0.2)  # the loop is held: `first` stays in service, so the worker waits for the delay
+        queued.append(batcher.submit(np.ones((2, 3))))  # 4 rows: a full batch
+        time.sleep(0.2)
+        assert model.sizes == [1, 4]  # it ran before any answer was delivered, long before the 2 s
+        await asyncio.gather(first, *queued)
+        batcher.stop()
+
+    run(go)

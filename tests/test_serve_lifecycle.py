@@ -3,6 +3,7 @@ start-up failures in one line, and no torch in the server."""
 
 from __future__ import annotations
 
+import gc
 import http.client
 import json
 import signal
@@ -17,6 +18,7 @@ import pytest
 import tritonclient.http as httpclient
 
 from bnpipe.serve.runtime import Model
+from bnpipe.serve.server_cli import settle_interpreter, switch_interval
 from tests.serve_server import BNPIPE, ServerProcess, build_slow_model, running, start, wait_for
 from tests.test_serve_support import build_model
 
@@ -161,3 +163,20 @@ def test_serve_never_imports_torch(tmp_path: Path) -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60)
     assert out.stdout.splitlines()[-1] == "HEAVY []"
+
+
+def test_switch_interval_is_half_the_batch_delay_within_bounds() -> None:
+    assert switch_interval(500e-6) == pytest.approx(250e-6)
+    assert switch_interval(0.0) == pytest.approx(50e-6)
+    assert switch_interval(1.0) == pytest.approx(0.005)  # never coarser than Python's default
+
+
+def test_settle_interpreter_freezes_what_exists_and_sets_the_switch_interval() -> None:
+    before = sys.getswitchinterval()
+    try:
+        settle_interpreter(500e-6)
+        assert gc.get_freeze_count() > 0
+        assert sys.getswitchinterval() == pytest.approx(250e-6)
+    finally:
+        gc.unfreeze()
+        sys.setswitchinterval(before)
