@@ -46,3 +46,10 @@ def test_layer_falls_back_where_the_fast_path_does_not_apply() -> None:
 def test_gradcheck() -> None:
     x = torch.randn(2, 2, 4, 6, dtype=torch.float64, requires_grad=True)  # no ties: a smooth point
     assert torch.autograd.gradcheck(max_pool_2x2, (x,))
+
+
+def test_second_derivative_is_refused_not_wrong() -> None:
+    x = torch.randn(1, 1, 4, 4, requires_grad=True)
+    (g,) = torch.autograd.grad(max_pool_2x2(x).square().sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError):
+        g.sum().backward()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 
 def _usable(x: torch.Tensor) -> bool:
@@ -51,6 +52,7 @@ class _MaxPool2x2(torch.autograd.Function):
         return pooled
 
     @staticmethod
+    @once_differentiable  # a second derivative (create_graph=True) raises rather than going wrong
     def backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         took_right, took_lower = ctx.saved_tensors  # type: ignore[attr-defined]
         n, c, h2, w2 = grad.shape
