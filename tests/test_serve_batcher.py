@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -30,12 +31,18 @@ def run(coro_fn, *args):  # type: ignore[no-untyped-def]
     return asyncio.run(asyncio.wait_for(coro_fn(*args), 10))
 
 
+def started(model: Callable[[np.ndarray], np.ndarray], max_batch: int, max_delay: float, max_queue: int) -> Batcher:
+    """A batcher working for the running event loop."""
+    batcher = Batcher(model, max_batch=max_batch, max_delay=max_delay, max_queue=max_queue)
+    batcher.start(asyncio.get_running_loop())
+    return batcher
+
+
 def test_concurrent_requests_merge_and_each_gets_its_rows_in_order() -> None:
     model = Recorder()
 
     async def go() -> None:
-        batcher = Batcher(model, max_batch=64, max_delay=0.05, max_queue=256)
-        batcher.start(asyncio.get_running_loop())
+        batcher = started(model, max_batch=64, max_delay=0.05, max_queue=256)
         model.gate.clear()  # the first request runs alone and blocks; the others queue up behind it
         first = batcher.submit(np.full((1, 3), 100))
         await asyncio.sleep(0.05)
@@ -57,8 +64,7 @@ def test_a_lone_request_does_not_wait_for_the_delay() -> None:
     model = Recorder()
 
     async def go() -> float:
-        batcher = Batcher(model, max_batch=64, max_delay=2.0, max_queue=256)
-        batcher.start(asyncio.get_running_loop())
+        batcher = started(model, max_batch=64, max_delay=2.0, max_queue=256)
         t0 = time.perf_counter()
         await batcher.submit(np.ones((1, 3)))
         batcher.stop()
@@ -71,8 +77,7 @@ def test_the_delay_lets_requests_join_and_batches_never_exceed_the_maximum() -> 
     model = Recorder()
 
     async def go() -> None:
-        batcher = Batcher(model, max_batch=5, max_delay=0.2, max_queue=100)
-        batcher.start(asyncio.get_running_loop())
+        batcher = started(model, max_batch=5, max_delay=0.2, max_queue=100)
         futures = [batcher.submit(np.ones((n, 2)) * n) for n in [2, 2, 2, 3, 1]]
         results = await asyncio.gather(*futures)
         batcher.stop()
@@ -87,8 +92,7 @@ def test_full_queue_refuses_at_once_and_stop_drains() -> None:
     model = Recorder()
 
     async def go() -> None:
-        batcher = Batcher(model, max_batch=4, max_delay=0.0, max_queue=6)
-        batcher.start(asyncio.get_running_loop())
+        batcher = started(model, max_batch=4, max_delay=0.0, max_queue=6)
         model.gate.clear()
         running = batcher.submit(np.ones((4, 1)))
         await asyncio.sleep(0.05)  # the worker holds it: the queue is empty again
@@ -116,8 +120,7 @@ def test_a_failing_model_fails_its_requests_and_the_worker_lives_on() -> None:
         return x
 
     async def go() -> None:
-        batcher = Batcher(flaky, max_batch=4, max_delay=0.0, max_queue=8)
-        batcher.start(asyncio.get_running_loop())
+        batcher = started(flaky, max_batch=4, max_delay=0.0, max_queue=8)
         with pytest.raises(RuntimeError, match="boom"):
             await batcher.submit(np.ones((1, 1)))
         assert np.array_equal(await batcher.submit(np.ones((2, 1))), np.ones((2, 1)))
@@ -130,8 +133,7 @@ def test_the_worker_runs_at_once_when_every_request_in_service_is_queued() -> No
     model = Recorder()
 
     async def go() -> float:
-        batcher = Batcher(model, max_batch=64, max_delay=2.0, max_queue=256)
-        batcher.start(asyncio.get_running_loop())
+        batcher = started(model, max_batch=64, max_delay=2.0, max_queue=256)
         first = batcher.submit(np.ones((1, 3)))
         time.sleep(0.2)  # the loop is held: the worker has run `first`, whose answer is not delivered yet
         t0 = time.perf_counter()
@@ -150,8 +152,7 @@ def test_a_full_batch_runs_without_waiting_for_the_delay() -> None:
     model = Recorder()
 
     async def go() -> None:
-        batcher = Batcher(model, max_batch=4, max_delay=2.0, max_queue=256)
-        batcher.start(asyncio.get_running_loop())
+        batcher = started(model, max_batch=4, max_delay=2.0, max_queue=256)
         model.gate.clear()
         first = batcher.submit(np.ones((1, 3)))
         await asyncio.sleep(0.05)  # the worker holds `first`
