@@ -39,7 +39,8 @@ import torchvision
 from torch import nn
 
 from bnpipe.errors import one_line
-from bnpipe.export.onnx_fold_file import fold_onnx_file, op_counts
+from bnpipe.export.onnx_fold_file import fold_onnx_file
+from bnpipe.export.onnx_verify import graph_stats
 from float64_run import run64  # benchmarks/float64_run.py, beside this script
 
 WRONG = 1e-3  # error over this fraction of the output's magnitude is a wrong output, not rounding
@@ -182,7 +183,7 @@ def measure(name: str, workdir: Path, seed: int) -> tuple[float, list[tuple[str,
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
                     fold(src, out)
-            bn_left = str(op_counts(onnx.load(str(out)))["bn_nodes"])
+            bn_left = str(graph_stats(onnx.load(str(out)))["bn_nodes"])
             err = float(np.abs(run(out, x.numpy()).astype(np.float64) - reference).max())
             wrong = "yes" if not err <= WRONG * scale else "no"
         except Exception as exc:  # noqa: BLE001 - a peer failing is a row of the table

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import collections
 import json
 import os
 import warnings
@@ -73,12 +72,6 @@ def to_onnx(module: nn.Module, example: torch.Tensor, opset: int = DEFAULT_OPSET
     if written != opset:
         raise BnpipeError(f"--opset {opset}: the exporter wrote opset {written} instead")
     return proto
-
-
-def graph_stats(model: onnx.ModelProto) -> dict[str, int]:
-    """Node count and BatchNormalization count of an ONNX graph."""
-    ops = collections.Counter(node.op_type for node in model.graph.node)
-    return {"nodes": sum(ops.values()), "bn_nodes": ops["BatchNormalization"]}
 
 
 def weight_count(module: nn.Module) -> int:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import collections
 import json
 import os
 import shutil
@@ -19,7 +18,7 @@ from bnpipe import __version__
 from bnpipe.atomic import atomic_path, check_writable
 from bnpipe.errors import BnpipeError, one_line
 from bnpipe.export.onnx_fold import fold_graph
-from bnpipe.export.onnx_verify import random_inputs, relative_difference, run_cpu
+from bnpipe.export.onnx_verify import graph_stats, random_inputs, relative_difference, run_cpu
 
 DEFAULT_TOLERANCE = 1e-4
 
@@ -46,12 +45,6 @@ class FoldFileReport:
         out += [f"verified with onnxruntime (CPU) on random inputs: max difference {self.max_rel_diff:.3g} "
                 "of the output's magnitude", f"done in {self.seconds:.2f}s"]  # fmt: skip
         return out
-
-
-def op_counts(model: onnx.ModelProto) -> dict[str, int]:
-    """Node and BatchNormalization counts of the main graph."""
-    ops = collections.Counter(n.op_type for n in model.graph.node)
-    return {"nodes": sum(ops.values()), "bn_nodes": ops["BatchNormalization"]}
 
 
 def load_onnx(path: str | os.PathLike[str]) -> tuple[onnx.ModelProto, bool]:
@@ -117,7 +110,7 @@ def fold_onnx_file(
         raise BnpipeError(f"{out}: is the input file; write the folded model to another path")
     model, external = load_onnx(src_path)
     check_writable(out_path)
-    before = op_counts(model)
+    before = graph_stats(model)
     folded = fold_graph(model)
     if strict and folded.left:
         bn, why = next(iter(folded.left.items()))
@@ -151,5 +144,5 @@ def fold_onnx_file(
                 shutil.move(str(Path(stage) / data_name), tmp)
         with atomic_path(out_path) as tmp:
             shutil.move(str(staged), tmp)
-    return FoldFileReport(out_path, before, op_counts(model), diff, time.perf_counter() - t0,
+    return FoldFileReport(out_path, before, graph_stats(model), diff, time.perf_counter() - t0,
                           folded.folded, folded.left)  # fmt: skip

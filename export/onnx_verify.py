@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import os
 from collections.abc import Mapping, Sequence
 
@@ -10,6 +11,12 @@ import onnx
 from onnx import helper
 
 from bnpipe.errors import BnpipeError, one_line
+
+
+def graph_stats(model: onnx.ModelProto) -> dict[str, int]:
+    """Node count and BatchNormalization count of an ONNX model's main graph."""
+    ops = collections.Counter(node.op_type for node in model.graph.node)
+    return {"nodes": sum(ops.values()), "bn_nodes": ops["BatchNormalization"]}
 
 
 def parse_shape(text: str) -> tuple[str, tuple[int, ...]]:
