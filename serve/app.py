@@ -158,10 +158,10 @@ def build_app(state: ServeState) -> ASGIApp:
         if (refusal := _unavailable(state)) is not None:
             raise refusal
         raw = request.headers.get("inference-header-content-length")
-        if raw is not None and not raw.isdigit():
+        json_size = None if raw is None else bodies.decimal(raw)
+        if raw is not None and json_size is None:
             raise V2Error(f"Inference-Header-Content-Length {raw[:40]!r} is not a number")
         body = await _body(state, request)
-        json_size = None if raw is None else int(raw)
         # A large JSON body takes a while to parse: off the event loop, so that others are not held up.
         parsed = (header_cache.parse(body, json_size) if len(body) < LARGE_BODY else
                   await run_in_threadpool(parse_infer, body, json_size, *header_cache.spec))

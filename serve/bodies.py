@@ -20,6 +20,15 @@ def too_large(limit: int) -> V2Error:
     return V2Error(f"request body is larger than the limit of {limit} bytes (--max-body-bytes)", 413)
 
 
+def decimal(raw: str) -> int | None:
+    """``raw`` as a non-negative integer when it is plain ASCII digits (at most 18), else None.
+
+    ``str.isdigit`` alone lets through digits ``int`` refuses (``"²"``) and lengths ``int`` will not
+    convert: a client's header or query value must get a 400, not a 500.
+    """
+    return int(raw) if raw.isascii() and raw.isdigit() and len(raw) <= 18 else None
+
+
 async def read_body(chunks: AsyncIterator[bytes], content_length: str | None, limit: int) -> bytes:
     """Read a request body of at most ``limit`` bytes.
 
@@ -33,9 +42,10 @@ async def read_body(chunks: AsyncIterator[bytes], content_length: str | None, li
             not read), 400 for a Content-Length that is not a number.
     """
     if content_length is not None:
-        if not content_length.isdigit():
+        declared = decimal(content_length)
+        if declared is None:
             raise V2Error(f"Content-Length {content_length[:40]!r} is not a number")
-        if int(content_length) > limit:
+        if declared > limit:
             raise too_large(limit)
     parts = []
     size = 0

@@ -17,6 +17,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 
 from bnpipe.serve.image import ImageError, load_digit
+from bnpipe.serve.bodies import decimal
 from bnpipe.serve.inputs import STDIN  # predict's name for an image without a file name
 from bnpipe.serve.output import json_line
 from bnpipe.serve.predict import Prediction, rank, softmax
@@ -27,9 +28,10 @@ def _query_int(request: Request, key: str, default: int, low: int) -> int:
     raw = request.query_params.get(key)
     if raw is None:
         return default
-    if not raw.isdigit() or int(raw) < low:
+    value = decimal(raw)
+    if value is None or value < low:
         raise V2Error(f"query parameter {key}={raw[:40]!r}: expected an integer >= {low}")
-    return int(raw)
+    return value
 
 
 async def _once(body: bytes) -> AsyncIterator[bytes]:

@@ -169,6 +169,10 @@ BAD_RAW = [
      "larger than the limit"),
     ("POST", "/v1/predict", b"not an image", {}, 400, "not an image"),
     ("POST", "/v1/predict?top_k=0", b"", {}, 400, "top_k='0': expected an integer >= 1"),
+    # Digits that str.isdigit accepts but int() refuses: a 400 like any bad number, not a 500.
+    ("POST", "/v1/predict?top_k=%C2%B2", b"", {}, 400, "top_k='\u00b2': expected an integer >= 1"),
+    ("POST", "/v2/models/digits/infer", header([1, 1, 28, 28], parameters={"binary_data_size": 784}),
+     {"Inference-Header-Content-Length": "9" * 5000}, 400, "'99999999"),
 ]
 
 
