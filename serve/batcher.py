@@ -73,9 +73,12 @@ class Batcher:
     def submit(self, pixels: np.ndarray) -> asyncio.Future[np.ndarray]:
         """Queue one request's rows; await the returned future for its rows of the model's output.
 
-        Call on the event loop. Raises `QueueFull` or `Stopped` at once instead of queueing.
+        Call on the event loop. Raises `QueueFull` or `Stopped` at once instead of queueing, and
+        ValueError for more rows than one batch holds (callers refuse those first: no run could take them).
         """
         n = len(pixels)
+        if n > self.max_batch:
+            raise ValueError(f"{n} rows do not fit a batch of at most {self.max_batch}")
         if self._stopping or self._loop is None:
             raise Stopped("the server is shutting down")
         if self.queued + n > self.max_queue:

@@ -23,7 +23,7 @@ from PIL import Image, JpegImagePlugin, PngImagePlugin
 
 from bnpipe.errors import BnpipeError, one_line
 from bnpipe.serve.gray import shrink, to_grayscale
-from bnpipe.serve.png import plain_gray_rows, read_small, unfilter
+from bnpipe.serve.png import SIGNATURE, plain_gray_rows, read_small, unfilter
 from bnpipe.serve.preprocess import SIZE, BlankImageError, is_mnist_format, preprocess, work_factor
 
 __all__ = ["MAX_JPEG_PIXELS", "MAX_PIXELS", "ImageError", "load_digit", "load_digits", "shrink", "to_grayscale"]
@@ -34,7 +34,6 @@ MAX_PIXELS = 25_000_000
 MAX_JPEG_PIXELS = 200_000_000
 
 _NO_EXIF = frozenset({"PNG", "BMP", "GIF"})  # formats whose orientation is never in EXIF here
-_PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 _JPEG_MAGIC = b"\xff\xd8\xff"
 
 
@@ -53,7 +52,7 @@ def declared_size(head: bytes) -> tuple[int, int] | None:
     Pillow refuses to open an image whose header declares a zero side and says only that it
     cannot identify it; reading the header here lets the message say what is really wrong.
     """
-    if head[:8] == b"\x89PNG\r\n\x1a\n" and head[12:16] == b"IHDR" and len(head) >= 24:
+    if head[:8] == SIGNATURE and head[12:16] == b"IHDR" and len(head) >= 24:
         return int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
     if head[:6] in (b"GIF87a", b"GIF89a") and len(head) >= 10:
         return int.from_bytes(head[6:8], "little"), int.from_bytes(head[8:10], "little")
@@ -87,7 +86,7 @@ def _identify(fp: BinaryIO) -> Image.Image:
     """
     head = fp.read(8)
     fp.seek(0)
-    if head == _PNG_MAGIC:
+    if head == SIGNATURE:
         try:
             return PngImagePlugin.PngImageFile(fp)
         except (SyntaxError, ValueError, OSError, EOFError, struct.error) as exc:

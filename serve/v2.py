@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from bnpipe.errors import one_line
 from bnpipe.serve.triton_config import TensorSpec  # name, V2 datatype, shape with the batch axis as -1
 
 # V2 datatype -> numpy dtype (BYTES, variable-length strings, is not a tensor type our models take)
@@ -142,7 +143,7 @@ def parse_header(header_bytes: bytes, body_size: int, model: str, inputs: Sequen
     try:
         header = json.loads(header_bytes)
     except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
-        raise V2Error(f"failed to parse the request JSON buffer: {' '.join(str(exc).split())[:200]}") from None
+        raise V2Error(f"failed to parse the request JSON buffer: {one_line(exc, 200)}") from None
     if not isinstance(header, dict):
         raise V2Error("the request JSON must be an object")
     request_id = header.get("id")

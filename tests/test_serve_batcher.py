@@ -166,3 +166,14 @@ def test_a_full_batch_runs_without_waiting_for_the_delay() -> None:
         batcher.stop()
 
     run(go)
+
+
+def test_more_rows_than_a_batch_are_refused_not_queued() -> None:
+    async def go() -> None:
+        batcher = started(Recorder(), max_batch=4, max_delay=0.0, max_queue=100)
+        with pytest.raises(ValueError, match="5 rows do not fit a batch of at most 4"):
+            batcher.submit(np.ones((5, 1)))
+        assert batcher.queued == 0 and batcher.busy == 0
+        batcher.stop()
+
+    run(go)
