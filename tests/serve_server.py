@@ -8,8 +8,10 @@ import select
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
+from typing import IO
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -24,8 +26,13 @@ START_TIMEOUT = 60.0
 class ServerProcess:
     """A running `bnpipe serve`; ``url`` is host:port as tritonclient takes it."""
 
-    def __init__(self, proc: subprocess.Popen[str], url: str, start_line: str) -> None:
-        self.proc, self.url, self.start_line = proc, url, start_line
+    def __init__(self, proc: subprocess.Popen[str], url: str, start_line: str, err_file: IO[str]) -> None:
+        self.proc, self.url, self.start_line, self._err = proc, url, start_line, err_file
+
+    def stderr(self) -> str:
+        """Everything the server wrote to stderr so far (a file, not a pipe: a full pipe would block it)."""
+        self._err.seek(0)
+        return self._err.read()
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
         """Signal the server (its own pid) and wait for it; kill it if it does not exit in time."""
@@ -41,16 +48,19 @@ class ServerProcess:
 
 def start(*args: str) -> ServerProcess:
     """Start `bnpipe serve --port 0 ARGS` and read the port from its one start line."""
+    err = tempfile.TemporaryFile("w+")
     proc = subprocess.Popen([BNPIPE, "serve", "--host", "127.0.0.1", "--port", "0", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    assert proc.stdout is not None and proc.stderr is not None
+                            stderr=err, text=True)
+    assert proc.stdout is not None
     ready, _, _ = select.select([proc.stdout], [], [], START_TIMEOUT)
     line = proc.stdout.readline() if ready else ""
     if "http://" not in line:
         proc.kill()
-        raise AssertionError(f"bnpipe serve did not start: {line!r} {proc.stderr.read()[-2000:]}")
+        proc.wait(10)
+        err.seek(0)
+        raise AssertionError(f"bnpipe serve did not start: {line!r} {err.read()[-2000:]}")
     url = line.split("http://", 1)[1].split()[0]
-    return ServerProcess(proc, url, line.rstrip("\n"))
+    return ServerProcess(proc, url, line.rstrip("\n"), err)
 
 
 @contextmanager
@@ -59,11 +69,12 @@ def running(*args: str) -> Iterator[ServerProcess]:
     server = start(*args)
     try:
         yield server
-    finally:
-        status = server.stop()
-        assert server.proc.stderr is not None
-        err = server.proc.stderr.read()
-        assert status == 0 and "Traceback" not in err, err[-2000:]
+    except BaseException:
+        server.stop()  # the block's own failure is the one to report
+        raise
+    status = server.stop()
+    err = server.stderr()
+    assert status == 0 and "Traceback" not in err, err[-2000:]
 
 
 def build_slow_model(path: Path, depth: int = 48, width: int = 256) -> Path:

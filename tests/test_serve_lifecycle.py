@@ -114,7 +114,7 @@ def test_sigterm_finishes_the_requests_in_flight_and_exits_0(slow_model: Path) -
         for i in range(n):
             assert isinstance(answers[i], np.ndarray), answers[i]
             assert np.array_equal(answers[i], expected[i:i + 1])
-        assert server.proc.stderr is not None and "Traceback" not in server.proc.stderr.read()
+        assert "Traceback" not in server.stderr()
     finally:
         server.stop(signal.SIGKILL)
 

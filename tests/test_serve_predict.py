@@ -11,6 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from bnpipe.serve import predict as predict_module
+from bnpipe.serve import runtime
 from bnpipe.serve.image import load_digit
 from bnpipe.serve.inputs import expand_inputs
 from bnpipe.serve.predict import decode_batch, decode_batches, decoding_pool, default_workers, predict, rank, softmax
@@ -117,12 +119,13 @@ def test_no_pool_for_small_jobs() -> None:
         assert pool is None
 
 
-def test_default_workers() -> None:
+def test_default_workers(monkeypatch: pytest.MonkeyPatch) -> None:
     assert default_workers(10) == 0  # a pool would cost more than it saves
-    cpus = usable_cpus()
-    assert cpus == len(os.sched_getaffinity(0)) >= 1
-    assert default_workers(10_000) == (0 if cpus <= 2 else cpus // 2)  # measured: no gain on 2 CPUs
-    assert intra_op_threads() == min(4, usable_cpus())
+    assert usable_cpus() == len(os.sched_getaffinity(0)) >= 1
+    for cpus, workers, threads in ((1, 0, 1), (2, 0, 2), (8, 4, 4), (16, 8, 4)):  # measured: no gain on 2 CPUs
+        monkeypatch.setattr(predict_module, "usable_cpus", lambda: cpus)
+        monkeypatch.setattr(runtime, "usable_cpus", lambda: cpus)
+        assert (default_workers(10_000), intra_op_threads()) == (workers, threads)
 
 
 def test_decode_batch_stacks_good_and_keeps_errors(tmp_path: Path) -> None:
