@@ -19,8 +19,7 @@ from torch import nn
 from bnpipe.train.batchnorm import BatchStats, ScratchBatchNorm2d
 
 # torch 2.14 deprecates this module for _functional_collectives, whose all_reduce has no backward.
-warnings.filterwarnings("ignore", message=r"torch\.distributed\.nn\.functional\.all_reduce is deprecated",
-                        category=FutureWarning)
+DEPRECATED = r"torch\.distributed\.nn\.functional\.all_reduce is deprecated"
 
 
 def sync_batch_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -33,7 +32,9 @@ def sync_batch_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
     local_n = torch.tensor([x.numel() // x.shape[1]], dtype=x.dtype, device=x.device)
     # One collective for all three: [count, sum per channel, sum of squares per channel], shape [1 + 2C].
     stats = torch.cat([local_n, x.sum(dims), (x * x).sum(dims)])
-    stats = dist_autograd.all_reduce(stats)
+    with warnings.catch_warnings():  # silenced here only, not for the whole process
+        warnings.filterwarnings("ignore", message=DEPRECATED, category=FutureWarning)
+        stats = dist_autograd.all_reduce(stats)
     c = x.shape[1]
     n = stats[0].detach()
     mean = stats[1 : 1 + c] / n
