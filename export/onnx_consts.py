@@ -14,6 +14,8 @@ from onnx import helper, numpy_helper
 
 ONNX_DOMAINS = ("", "ai.onnx")
 _RANDOM = {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial", "Bernoulli"}
+# Never evaluated: a quantized weight must stay quantized, so a BN after it stays in place.
+_QUANTIZATION = {"DequantizeLinear", "QuantizeLinear", "DynamicQuantizeLinear"}
 _MAX_DEPTH = 64  # a constant chain longer than this is not worth evaluating
 
 
@@ -54,7 +56,7 @@ class Constants:
         if name in self.inits:
             return None if name in self.overridable else numpy_helper.to_array(self.inits[name])
         node = self.producers.get(name)
-        if node is None or node.domain not in ONNX_DOMAINS or node.op_type in _RANDOM or depth > _MAX_DEPTH:
+        if node is None or node.domain not in ONNX_DOMAINS or node.op_type in _RANDOM | _QUANTIZATION or depth > _MAX_DEPTH:
             return None
         if node.op_type == "Constant":
             return self._constant_node(node)

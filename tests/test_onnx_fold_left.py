@@ -38,6 +38,19 @@ def _weight_as_input(overridable: bool) -> onnx.ModelProto:
     return model
 
 
+def _dequantized_weight() -> onnx.ModelProto:
+    # A QDQ model: the weight is int8 with a scale. Folding would have to requantize; turning it into
+    # float32 would quietly make the model 4x larger and no longer quantized.
+    model = layer_bn("Conv")
+    w = next(t for t in model.graph.initializer if t.name == "w")
+    scale = np.float32(np.abs(numpy_helper.to_array(w)).max() / 127)
+    q = np.round(numpy_helper.to_array(w) / scale).astype(np.int8)
+    model.graph.initializer.remove(w)
+    model.graph.initializer.extend([numpy_helper.from_array(q, "w_q"), numpy_helper.from_array(scale, "w_scale")])
+    model.graph.node.insert(0, helper.make_node("DequantizeLinear", ["w_q", "w_scale"], ["w"]))
+    return model
+
+
 def _bn_mean_as_input() -> onnx.ModelProto:
     model = layer_bn("Conv")
     mean = next(t for t in model.graph.initializer if t.name == "bn.mean")
@@ -65,6 +78,7 @@ LEFT: dict[str, tuple[Callable[[], onnx.ModelProto], str]] = {
     "output-used-twice": (_consumer_of_conv_output, "also used elsewhere"),
     "weight-is-input": (lambda: _weight_as_input(False), "not a constant"),
     "weight-overridable": (lambda: _weight_as_input(True), "not a constant"),
+    "weight-dequantized": (_dequantized_weight, "not a constant"),
     "bn-param-is-input": (_bn_mean_as_input, "mean or variance input is not"),
     "matmul-3d": (_matmul_3d, "shapes do not prove"),
     "after-relu": (_after_relu, "not Conv, ConvTranspose, Gemm or MatMul+Add"),
