@@ -32,9 +32,8 @@ class _Plan:
     producer: onnx.NodeProto  # the Conv/ConvTranspose/Gemm/MatMul holding the weight
     weight: np.ndarray
     bias: np.ndarray | None
-    bias_node: onnx.NodeProto  # the node whose input ``bias_slot`` takes the folded bias (Add for MatMul)
+    bias_node: onnx.NodeProto  # takes the bias at input ``bias_slot`` (Add for MatMul); its output becomes the BN's
     bias_slot: int
-    renamed: onnx.NodeProto  # the node whose output becomes the BN's output
     transposed: bool = False
     groups: int = 1
     layout_t: bool = False  # the stored weight is [K, C_out]: fold its transpose
@@ -91,10 +90,10 @@ def _plan(bn: onnx.NodeProto, producers: dict[str, onnx.NodeProto], uses: collec
         return f"the bias {bias_name!r} of {pname} is not a constant"
     if src.op_type == "Gemm":
         # [M, K] x W -> [M, N]: BN's axis 1 is the Gemm's output axis. W is [N, K] with transB, else [K, N].
-        return _Plan(src, weight, bias, src, 2, src, layout_t=not attrs.get("transB", 0),
+        return _Plan(src, weight, bias, src, 2, layout_t=not attrs.get("transB", 0),
                      alpha=attrs.get("alpha", 1.0), beta=attrs.get("beta", 1.0))  # fmt: skip
     # Conv/ConvTranspose output is [N, C_out, *spatial]: BN's axis 1 is the output-channel axis.
-    return _Plan(src, weight, bias, src, 2, src, transposed=src.op_type == "ConvTranspose", groups=attrs.get("group", 1))
+    return _Plan(src, weight, bias, src, 2, transposed=src.op_type == "ConvTranspose", groups=attrs.get("group", 1))
 
 
 def _plan_matmul_add(add: onnx.NodeProto, producers: dict[str, onnx.NodeProto], uses: collections.Counter[str],
@@ -113,7 +112,7 @@ def _plan_matmul_add(add: onnx.NodeProto, producers: dict[str, onnx.NodeProto], 
         return f"the weight {matmul.input[1]!r} of {mname} is not a constant 2-D matrix"
     if ranks.get(matmul.input[0]) != 2 or bias.ndim > 2 or (bias.ndim == 2 and bias.shape[0] != 1):
         return f"the shapes do not prove that {mname} + bias gives [N, C] with the bias per C"
-    return _Plan(matmul, weight, bias.reshape(-1), add, bias_slot, add, layout_t=True)
+    return _Plan(matmul, weight, bias.reshape(-1), add, bias_slot, layout_t=True)
 
 
 def _fresh(base: str, taken: set[str]) -> str:
@@ -148,8 +147,8 @@ def _apply(graph: onnx.GraphProto, bn: onnx.NodeProto, plan: _Plan, stats: list[
         kept = [a for a in plan.producer.attribute if a.name not in ("alpha", "beta")]
         del plan.producer.attribute[:]
         plan.producer.attribute.extend(kept)  # alpha and beta are inside the folded W and C now
-    old = plan.renamed.output[0]
-    plan.renamed.output[0] = bn.output[0]  # the BN's output name stays: it may be a graph output
+    old = plan.bias_node.output[0]
+    plan.bias_node.output[0] = bn.output[0]  # the BN's output name stays: it may be a graph output
     kept_info = [v for v in graph.value_info if v.name != old]
     del graph.value_info[:]
     graph.value_info.extend(kept_info)
