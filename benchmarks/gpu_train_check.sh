@@ -30,7 +30,7 @@ for stage in train export serve; do ln -sfn "$repo/$stage" "/tmp/pkgs/bnpipe/$st
 for f in .gpudata/*.gz; do gunzip -c "$f" > "/tmp/data/MNIST/raw/$(basename "$f" .gz)"; done
 cd /tmp  # so that `bnpipe` is the assembled package, not the repo folder of that name
 python3 -c "import sys, torch, torchvision; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, 'available', torch.cuda.is_available(), 'torchvision', torchvision.__version__)"
-python3 -c "from bnpipe.train.loop import resolve_device; print('auto ->', resolve_device('auto'))"
+python3 -c "from bnpipe.train.recipe import resolve_device; print('auto ->', resolve_device('auto'))"
 echo "== bnpipe train --device cuda (5 epochs, default recipe)"
 time python3 -m bnpipe train --device cuda --data /tmp/data --out /tmp/m/cuda.pt
 echo "== same seed again on cuda, 1 epoch x2: identical weights?"

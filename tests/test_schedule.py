@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from bnpipe.errors import BnpipeError
-from bnpipe.train.loop import make_scheduler, resolve_device
+from bnpipe.train.recipe import make_scheduler, resolve_device
 
 
 def _lrs(schedule: str, steps: int = 100) -> list[float]:

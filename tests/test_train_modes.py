@@ -14,7 +14,8 @@ from bnpipe.train.checkpoint import load_checkpoint, model_from_checkpoint
 from bnpipe.train.config import TrainConfig
 from bnpipe.train.data import load_mnist
 from bnpipe.train.distributed import epoch_order
-from bnpipe.train.loop import evaluate, make_scheduler, train, train_one_epoch
+from bnpipe.train.loop import evaluate, train, train_one_epoch
+from bnpipe.train.recipe import make_scheduler
 from bnpipe.train.model import build_model, default_arch
 from bnpipe.train.preprocess import Normalization
 

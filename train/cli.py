@@ -64,7 +64,7 @@ def train(ctx: click.Context, resume: str | None, nproc_per_node: int | None, **
         launch(nproc_per_node, [a for k, v in given.items() for a in _as_args(k, v)])
         return
 
-    from bnpipe.train.loop import sidecar_paths
+    from bnpipe.train.artifacts import sidecar_paths
     from bnpipe.train.loop import train as run_training
 
     if resume is not None:

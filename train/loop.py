@@ -17,7 +17,7 @@ from tqdm import tqdm
 from bnpipe.atomic import check_writable
 from bnpipe.datadir import resolve_data_root
 from bnpipe.errors import BnpipeError
-from bnpipe.train.artifacts import sidecar_paths, write_artifacts  # noqa: F401 - sidecar_paths: public here too
+from bnpipe.train.artifacts import write_artifacts
 from bnpipe.train.config import TrainConfig
 from bnpipe.train.data import load_mnist
 from bnpipe.train.distributed import (SINGLE, World, all_reduce_sum, broadcast_buffers, close_world, epoch_order,
@@ -25,7 +25,7 @@ from bnpipe.train.distributed import (SINGLE, World, all_reduce_sum, broadcast_b
 from bnpipe.train.model import build_model, default_arch
 from bnpipe.train.precise_bn import recompute_bn_stats
 from bnpipe.train.preprocess import Normalization
-from bnpipe.train.recipe import make_scheduler, resolve_device  # noqa: F401 - public here too
+from bnpipe.train.recipe import make_scheduler, resolve_device
 from bnpipe.train.resume import kill_hook, load_resume, restart_checkpoint, resume_state
 from bnpipe.train.syncbn import arch_bn_for, to_sync_bn
 
