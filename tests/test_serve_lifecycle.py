@@ -18,7 +18,7 @@ import pytest
 import tritonclient.http as httpclient
 
 from bnpipe.serve.runtime import Model
-from bnpipe.serve.server_cli import settle_interpreter, switch_interval
+from bnpipe.serve.server_cli import load, settle_interpreter, switch_interval
 from tests.serve_server import BNPIPE, ServerProcess, build_slow_model, running, start, wait_for
 from tests.test_serve_support import build_model
 
@@ -180,3 +180,12 @@ def test_settle_interpreter_freezes_what_exists_and_sets_the_switch_interval() -
     finally:
         gc.unfreeze()
         sys.setswitchinterval(before)
+
+
+def test_load_warms_the_model_up_at_1_and_each_preferred_size(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    sizes: list[int] = []
+    real = Model.logits
+    monkeypatch.setattr(Model, "logits", lambda self, x: sizes.append(len(x)) or real(self, x))
+    load(str(build_model(tmp_path / "m.onnx")), None, "cpu", max_batch=100, max_delay_us=500, max_queue=200,
+         max_body=1 << 20)
+    assert sizes == [1, 16, 64, 100]  # before any request: 1, then 16, 64, ... below the maximum, and the maximum
