@@ -178,10 +178,15 @@ def time_to_ready(model: str, device: str, one_png: Path, repeats: int) -> tuple
         t0 = time.perf_counter()
         proc = subprocess.Popen([str(BIN / "bnpipe"), "serve", "--model", model, "--device", device, "--port",
                                  str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        up = ready(port, 60)
-        serve_times.append(time.perf_counter() - t0)
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(30)
+        try:
+            up = ready(port, 60)
+            serve_times.append(time.perf_counter() - t0)
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(30)
+        finally:  # a server that did not stop in time is not left behind
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(10)
         if not up:
             sys.exit("bnpipe serve did not become ready")
     return statistics.median(serve_times), statistics.median(predict_times)
