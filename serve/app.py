@@ -181,7 +181,7 @@ def build_app(state: ServeState) -> ASGIApp:
             raise refusal
         body = await _body(state, request)
         status, answer = await predict_image(request, body, lambda rows: _infer_rows(state, rows), state.model.labels)
-        return Response(json.dumps(answer).encode(), status, media_type=JSON)
+        return Response(answer, status, media_type=JSON)
 
     async def page(state: ServeState, request: Request) -> Response:
         if not PAGE.is_file():

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from typing import Any
 
 import numpy as np
 from starlette.concurrency import run_in_threadpool
@@ -59,7 +58,7 @@ async def image_bytes(request: Request, body: bytes) -> tuple[bytes, str]:
 
 
 async def predict_image(request: Request, body: bytes, infer: Callable[[np.ndarray], Awaitable[np.ndarray]],
-                        labels: Sequence[str]) -> tuple[int, dict[str, Any]]:
+                        labels: Sequence[str]) -> tuple[int, bytes]:
     """Label one image.
 
     Args:
@@ -69,8 +68,9 @@ async def predict_image(request: Request, body: bytes, infer: Callable[[np.ndarr
         labels: The model's class labels.
 
     Returns:
-        (status, JSON object): 200 and the prediction, or 400 and ``{"path", "error"}`` for an
-        image that cannot be used, as ``bnpipe predict --json`` reports it.
+        (status, JSON body): 200 and the prediction, or 400 and ``{"path", "error"}`` for an image
+        that cannot be used: the line ``bnpipe predict --json`` writes, plus ``"input"`` (the
+        [28, 28] pixels the model saw) when ``image`` is set.
     """
     top_k = _query_int(request, "top_k", 3, 1)
     with_image = _query_int(request, "image", 0, 0) > 0
@@ -78,10 +78,10 @@ async def predict_image(request: Request, body: bytes, infer: Callable[[np.ndarr
     try:
         digit = await run_in_threadpool(load_digit, data, name)  # [28, 28] uint8
     except ImageError as exc:
-        return 400, json.loads(json_line(Prediction(name, error=exc.reason)))
+        return 400, json_line(Prediction(name, error=exc.reason)).encode()
     logits = await infer(digit[None, None])  # [1, 1, 28, 28] -> [1, classes]
     top = rank(softmax(logits), labels, top_k)[0]
-    answer = json.loads(json_line(Prediction(name, top[0][0], top[0][1], top)))
-    if with_image:
-        answer["input"] = digit.tolist()
-    return 200, answer
+    answer = json_line(Prediction(name, top[0][0], top[0][1], top))
+    if with_image:  # one more key at the end of the object, as json.dumps of the dict would write it
+        answer = f'{answer[:-1]}, "input": {json.dumps(digit.tolist())}}}'
+    return 200, answer.encode()
