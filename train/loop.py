@@ -17,6 +17,7 @@ from tqdm import tqdm
 from bnpipe.atomic import check_writable
 from bnpipe.datadir import resolve_data_root
 from bnpipe.errors import BnpipeError
+from bnpipe.train.allocator import keep_freed_memory
 from bnpipe.train.artifacts import write_artifacts
 from bnpipe.train.config import TrainConfig
 from bnpipe.train.data import load_mnist
@@ -140,6 +141,7 @@ def train(config: TrainConfig, log: Callable[[str], None] = print, resume: str |
     if not launched_by_torchrun() or os.environ.get("RANK") == "0":
         check_writable(config.out)  # before minutes of training, not after
     world, device = init_world(device, config.dist_timeout)
+    keep_freed_memory()
     try:
         return _train(config, log if world.is_main else (lambda line: None), resume, world, device)
     finally:
