@@ -20,8 +20,14 @@ batching never slower than --max-batch-size 1 on the CPU; server CPU time per re
 Triton's. Time to ready (launch to GET /v2/health/ready 200) <= 2x the cold start of
 `bnpipe predict one.png`.
 
+Each server runs in a session of its own, as one started from another shell would. Linux's
+autogroup scheduling then splits the cores between the server and the load generators, as two
+programs; --same-session puts the servers in the generators' scheduling group instead, where all
+their threads share the cores (the p99 of a server faster than its generator changes most).
+
 Usage: python benchmarks/serve.py [--model models/bn_convnet.onnx] [--data ../shared/data]
-       [--triton-python .venv-pytriton/bin/python] [--duration 2] [--rounds 3]
+       [--triton-python .venv-pytriton/bin/python] [--duration 2] [--rounds 3] [--generators 2]
+       [--same-session]
 Setup for (c): python3 -m venv .venv-pytriton && .venv-pytriton/bin/pip install nvidia-pytriton onnxruntime-gpu
 Exits 1 if a target is missed.
 """
@@ -108,13 +114,18 @@ def cpu_seconds(root: int) -> float:
 class Server:
     """A server process started in its own process group, stopped by its pid."""
 
-    def __init__(self, name: str, cmd: list[str], port: int, env: dict[str, str] | None = None) -> None:
-        self.name, self.cmd, self.port, self.env = name, cmd, port, env
+    def __init__(self, name: str, cmd: list[str], port: int, env: dict[str, str] | None = None,
+                 same_session: bool = False) -> None:
+        self.name, self.cmd, self.port, self.env, self.same_session = name, cmd, port, env, same_session
 
     def __enter__(self) -> Server:
         self.log = tempfile.TemporaryFile()
-        self.proc = subprocess.Popen(self.cmd, stdout=self.log, stderr=subprocess.STDOUT, env=self.env,
-                                     start_new_session=True)
+        # Its own process group, to stop all of it; and by default its own session, as a server started
+        # from another shell: under the kernel's autogroup scheduling (Linux's default) each session is
+        # a scheduling group, so CFS splits the cores between the server and the load generators.
+        # same_session puts them in one group, where the cores are shared among all their threads.
+        group = {"preexec_fn": os.setpgrp} if self.same_session else {"start_new_session": True}
+        self.proc = subprocess.Popen(self.cmd, stdout=self.log, stderr=subprocess.STDOUT, env=self.env, **group)
         if not ready(self.port, 120, "/v2/models/bnpipe/ready"):  # Triton loads the model after
             self.__exit__()
             self.log.seek(0)
@@ -135,9 +146,9 @@ class Server:
         self.log.close()
 
 
-def load(server: Server, concurrency: int, duration: float, warmup: float) -> dict[str, float]:
+def load(server: Server, concurrency: int, duration: float, warmup: float, generators: int = 2) -> dict[str, float]:
     """Run the load generator at ``concurrency``; return throughput, p50, p99 and CPU per request."""
-    processes = 1 if concurrency == 1 else 2
+    processes = min(concurrency, generators)
     start = time.time() + 1.0  # the generators import tritonclient first
     measure_from, end = start + warmup, start + warmup + duration
     gens = [subprocess.Popen([sys.executable, str(HERE / "serve_load.py"), f"127.0.0.1:{server.port}", "bnpipe",
@@ -219,6 +230,9 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3, help="rounds over all servers; medians are reported")
     parser.add_argument("--ready-repeats", type=int, default=5)
     parser.add_argument("--concurrency", type=int, nargs="+", default=list(CONCURRENCY))
+    parser.add_argument("--generators", type=int, default=2, help="load-generator processes (fewer at lower concurrency)")
+    parser.add_argument("--same-session", action="store_true",
+                        help="servers in this session's scheduling group, not a session of their own")
     parser.add_argument("--only", nargs="+", help="measure only the servers whose names contain one of these")
     parser.add_argument("--no-ready", action="store_true", help="skip the time-to-ready measurement")
     args = parser.parse_args()
@@ -237,10 +251,11 @@ def main() -> int:
                 cmd = cmd + [str(port)]
             else:
                 cmd = cmd + ["--port", str(port)]
-            with Server(name, cmd, port, env) as server:
+            with Server(name, cmd, port, env, args.same_session) as server:
                 load(server, 8, 0.5, 0.2)  # warm: connections, caches, the batcher's first batches
                 for c in args.concurrency:
-                    table.setdefault((name, c), []).append(load(server, c, args.duration, args.warmup))
+                    table.setdefault((name, c), []).append(load(server, c, args.duration, args.warmup,
+                                                                args.generators))
     med = {key: {k: statistics.median(r[k] for r in runs) for k in runs[0]} for key, runs in table.items()}
     print(f"\n{'server':34} {'conc':>4} {'req/s':>8} {'p50 ms':>7} {'p99 ms':>7} {'CPU us/req':>10} {'errors':>6}")
     for (name, c), m in med.items():

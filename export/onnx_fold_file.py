@@ -118,6 +118,8 @@ def fold_onnx_file(
     meta = {p.key: p.value for p in model.metadata_props}
     meta["bnpipe_folded"] = json.dumps({"bnpipe_version": __version__, "folded": len(folded.folded),
                                         "left": len(folded.left)})  # fmt: skip
+    if folded.folded and not folded.left and "bn_folded" in meta:  # a bnpipe export's flag now tells the truth
+        meta["bn_folded"] = "true"
     del model.metadata_props[:]
     onnx.helper.set_model_props(model, meta)
 

@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch import nn
 
-from bnpipe.train.batchnorm import ScratchBatchNorm2d, batch_norm
+from bnpipe.train.batchnorm import ScratchBatchNorm2d, batch_norm, moment_sums, moments_from_sums
 
 
 def _run_both(torch_bn: nn.Module, shape: tuple[int, ...], steps: int, momentum: float) -> None:
@@ -92,3 +92,14 @@ def test_state_dict_round_trips_both_ways() -> None:
     fresh.load_state_dict(ours.state_dict())
     assert torch.equal(fresh.running_mean, ours.running_mean)
     assert fresh.num_batches_tracked.item() == ours.num_batches_tracked.item() == 2
+
+
+def test_moment_sums_of_parts_give_the_whole_batch_moments() -> None:
+    x = torch.randn(6, 3, 4, 5, dtype=torch.float64) * 3 + 2
+    whole_mean, whole_var, n = moments_from_sums(moment_sums(x[:2]) + moment_sums(x[2:]))  # as across ranks
+    assert n == 6 * 4 * 5
+    assert torch.allclose(whole_mean, x.mean(dim=(0, 2, 3)), rtol=0, atol=1e-12)
+    assert torch.allclose(whole_var, x.var(dim=(0, 2, 3), correction=0), rtol=0, atol=1e-12)
+    mean_2d, var_2d, n_2d = moments_from_sums(moment_sums(x[:, :, 0, 0]))  # [N, C] input: one value per sample
+    assert n_2d == 6 and torch.allclose(var_2d, x[:, :, 0, 0].var(dim=0, correction=0), rtol=0, atol=1e-12)
+    assert torch.allclose(mean_2d, x[:, :, 0, 0].mean(dim=0), rtol=0, atol=1e-12)

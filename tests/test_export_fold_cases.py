@@ -71,7 +71,8 @@ def test_fold_of_unfolded_export_equals_export_fold_bn(exported_models: dict[str
     report = fold_onnx_file(exported_models["onnx_unfolded"], out, strict=True)
     assert report.before["bn_nodes"] == 2 and report.after["bn_nodes"] == 0 and len(report.folded) == 2
     meta = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
-    assert meta["bn_folded"] == "false" and "bnpipe_folded" in meta  # the export's own metadata is kept
+    assert "bnpipe_folded" in meta and meta["preprocessing"]  # the export's own metadata is kept...
+    assert meta["bn_folded"] == "true"  # ...and its fold flag is brought up to date
     images, _ = load_mnist(real_mnist_root(), train=False, download=False)
     pixels = images.numpy()
     assert np.abs(ort_logits(out, pixels) - ort_logits(exported_models["onnx_folded"], pixels)).max() <= 1e-5

@@ -17,6 +17,23 @@ def local_batch_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]
     return x.mean(dim=dims), x.var(dim=dims, correction=0), x.numel() // x.shape[1]
 
 
+def moment_sums(x: torch.Tensor) -> torch.Tensor:
+    """[count, sum per channel (C), sum of squares per channel (C)] of [N, C, *spatial] ``x``: shape [1 + 2C].
+
+    Sums add up across batches and ranks, so one all-reduce or a running total combines them.
+    """
+    dims = [0, *range(2, x.dim())]
+    return torch.cat([x.new_tensor([x.numel() // x.shape[1]]), x.sum(dims), (x * x).sum(dims)])
+
+
+def moments_from_sums(sums: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Mean [C], biased variance [C] and count (a 0-d tensor) from :func:`moment_sums` totals."""
+    c = (sums.shape[0] - 1) // 2
+    n = sums[0].detach()  # a count: nothing to differentiate
+    mean = sums[1 : 1 + c] / n
+    return mean, (sums[1 + c :] / n - mean * mean).clamp_min(0), n  # E[x^2] - E[x]^2
+
+
 def batch_norm(
     x: torch.Tensor,
     gamma: torch.Tensor | None,

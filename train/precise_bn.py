@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from bnpipe.train.batchnorm import ScratchBatchNorm2d
+from bnpipe.train.batchnorm import ScratchBatchNorm2d, moment_sums, moments_from_sums
 from bnpipe.train.distributed import World, local_batches
 from bnpipe.train.preprocess import Normalization
 
@@ -55,9 +55,7 @@ def update_bn_stats(model: nn.Module, batches: Iterable[torch.Tensor], reduce_ra
 
     def record(index: int):  # noqa: ANN202 - a forward pre-hook
         def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
-            x = inputs[0].double()
-            dims = [0, *range(2, x.dim())]
-            sums[index] += torch.cat([x.new_tensor([x.numel() // x.shape[1]]), x.sum(dims), (x * x).sum(dims)])
+            sums[index] += moment_sums(inputs[0].double())
         return hook
 
     handles = [m.register_forward_pre_hook(record(i)) for i, m in enumerate(layers)]
@@ -77,12 +75,10 @@ def update_bn_stats(model: nn.Module, batches: Iterable[torch.Tensor], reduce_ra
         if reduce_ranks and dist.is_available() and dist.is_initialized():
             dist.all_reduce(s)
         m.num_batches_tracked.copy_(t)
-        c = m.running_mean.numel()
-        n = s[0]
+        mean, var, n = moments_from_sums(s)
         if n < 2:
             continue  # nothing seen: keep the moving statistics
-        mean = s[1 : 1 + c] / n
-        var = (s[1 + c :] / n - mean * mean).clamp_min(0) * (n / (n - 1))  # unbiased, as BN's running_var
+        var = var * (n / (n - 1))  # unbiased, as BN's running_var
         m.running_mean.copy_(mean.to(m.running_mean.dtype))
         m.running_var.copy_(var.to(m.running_var.dtype))
     return count

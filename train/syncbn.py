@@ -16,7 +16,7 @@ import torch.distributed as dist
 import torch.distributed.nn.functional as dist_autograd
 from torch import nn
 
-from bnpipe.train.batchnorm import BatchStats, ScratchBatchNorm2d
+from bnpipe.train.batchnorm import BatchStats, ScratchBatchNorm2d, moment_sums, moments_from_sums
 
 # torch 2.14 deprecates this module for _functional_collectives, whose all_reduce has no backward.
 DEPRECATED = r"torch\.distributed\.nn\.functional\.all_reduce is deprecated"
@@ -28,17 +28,10 @@ def sync_batch_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
     Returns:
         mean [C], biased variance [C], and the number of values per channel over all ranks.
     """
-    dims = [0, 2, 3]
-    local_n = torch.tensor([x.numel() // x.shape[1]], dtype=x.dtype, device=x.device)
-    # One collective for all three: [count, sum per channel, sum of squares per channel], shape [1 + 2C].
-    stats = torch.cat([local_n, x.sum(dims), (x * x).sum(dims)])
     with warnings.catch_warnings():  # silenced here only, not for the whole process
         warnings.filterwarnings("ignore", message=DEPRECATED, category=FutureWarning)
-        stats = dist_autograd.all_reduce(stats)
-    c = x.shape[1]
-    n = stats[0].detach()
-    mean = stats[1 : 1 + c] / n
-    var = (stats[1 + c :] / n - mean * mean).clamp_min(0)  # E[x^2] - E[x]^2, biased
+        stats = dist_autograd.all_reduce(moment_sums(x))  # one collective for count, sums and squares
+    mean, var, n = moments_from_sums(stats)
     return mean, var, int(n.item())
 
 
