@@ -131,16 +131,20 @@ def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
     return torch.randperm(n, generator=torch.Generator().manual_seed(key))
 
 
-def local_batches(order: torch.Tensor, batch_size: int, world: World) -> Iterator[tuple[torch.Tensor, int]]:
-    """This rank's slice of each global batch of ``order``, with the global batch's size.
+def batch_count(samples: int, batch_size: int, world: World) -> int:
+    """Global batches in an epoch of ``samples``: a last batch with fewer samples than ranks is dropped,
+    so that no rank gets an empty batch (BN needs samples)."""
+    full, rest = divmod(samples, batch_size)
+    return full + (rest >= world.size)
 
-    The slices of one batch differ in size by at most one. A last global batch with fewer samples
-    than ranks is dropped, so that no rank gets an empty batch (BN needs samples).
+
+def local_batches(order: torch.Tensor, batch_size: int, world: World) -> Iterator[tuple[torch.Tensor, int]]:
+    """This rank's slice of each of the :func:`batch_count` global batches of ``order``, with the batch's size.
+
+    The slices of one batch differ in size by at most one.
     """
-    for start in range(0, order.shape[0], batch_size):
+    for start in range(0, batch_count(order.shape[0], batch_size, world) * batch_size, batch_size):
         batch = order[start : start + batch_size]
-        if batch.shape[0] < world.size:
-            return
         yield batch.tensor_split(world.size)[world.rank], batch.shape[0]
 
 

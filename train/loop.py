@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import os
 import sys
 import time
@@ -21,8 +20,8 @@ from bnpipe.train.allocator import keep_freed_memory
 from bnpipe.train.artifacts import write_artifacts
 from bnpipe.train.config import TrainConfig
 from bnpipe.train.data import load_mnist
-from bnpipe.train.distributed import (SINGLE, World, all_reduce_sum, broadcast_buffers, close_world, epoch_order,
-                                     init_world, launched_by_torchrun, local_batches)
+from bnpipe.train.distributed import (SINGLE, World, all_reduce_sum, batch_count, broadcast_buffers, close_world,
+                                     epoch_order, init_world, launched_by_torchrun, local_batches)
 from bnpipe.train.model import build_model, default_arch
 from bnpipe.train.precise_bn import recompute_bn_stats
 from bnpipe.train.preprocess import Normalization
@@ -65,7 +64,7 @@ def train_one_epoch(
     correct = torch.zeros((), dtype=torch.long, device=images.device)
     seen = 0
     batches = local_batches(order.to(images.device), batch_size, world)
-    total = -(-order.shape[0] // batch_size)
+    total = batch_count(order.shape[0], batch_size, world)
     for i, (idx, global_count) in enumerate(tqdm(batches, desc="train", total=total, leave=False, disable=not progress)):
         x, y = norm.apply(images[idx]), labels[idx]
         logits = model(x)
@@ -175,7 +174,7 @@ def _train(config: TrainConfig, log: Callable[[str], None], resume: str | None, 
     model = build_model(arch).to(device)
     optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
                                 weight_decay=config.weight_decay)
-    steps_per_epoch = math.ceil(train_x.shape[0] / config.batch_size)
+    steps_per_epoch = batch_count(train_x.shape[0], config.batch_size, world)
     scheduler = make_scheduler(optimizer, config.schedule, config.epochs * steps_per_epoch)
     metrics: list[dict[str, float]] = []
     start = 1
