@@ -56,7 +56,8 @@ def test_pool_before_relu_matches_the_tutorial_order_in_outputs_and_gradients() 
     model = build_model(default_arch("torch"))
     f = model.features
     assert isinstance(f[2], torch.nn.MaxPool2d) and isinstance(f[3], torch.nn.ReLU)
-    tutorial = torch.nn.Sequential(f[0], f[1], f[3], f[2], f[4], f[5], f[7], f[6])  # ReLU, then pool
+    # ReLU, then the stock pool: an independent reference for the order and for the fast pool alike.
+    tutorial = torch.nn.Sequential(f[0], f[1], f[3], torch.nn.MaxPool2d(2), f[4], f[5], f[7], torch.nn.MaxPool2d(2))
     x = torch.randn(16, 1, 28, 28)
     grads = []
     for features in (f, tutorial):
