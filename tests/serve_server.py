@@ -45,6 +45,12 @@ class ServerProcess:
             self.proc.wait(10)
             raise
 
+    def close(self) -> None:
+        """Close the stderr file and the stdout pipe, once the server has stopped."""
+        self._err.close()
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
+
 
 def start(*args: str) -> ServerProcess:
     """Start `bnpipe serve --port 0 ARGS` and read the port from its one start line."""
@@ -58,7 +64,9 @@ def start(*args: str) -> ServerProcess:
         proc.kill()
         proc.wait(10)
         err.seek(0)
-        raise AssertionError(f"bnpipe serve did not start: {line!r} {err.read()[-2000:]}")
+        why = err.read()[-2000:]
+        err.close()
+        raise AssertionError(f"bnpipe serve did not start: {line!r} {why}")
     url = line.split("http://", 1)[1].split()[0]
     return ServerProcess(proc, url, line.rstrip("\n"), err)
 
@@ -71,9 +79,11 @@ def running(*args: str) -> Iterator[ServerProcess]:
         yield server
     except BaseException:
         server.stop()  # the block's own failure is the one to report
+        server.close()
         raise
     status = server.stop()
     err = server.stderr()
+    server.close()
     assert status == 0 and "Traceback" not in err, err[-2000:]
 
 
