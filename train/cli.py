@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-
 import click
 from click.core import ParameterSource
 
@@ -65,6 +63,7 @@ def train(ctx: click.Context, resume: str | None, nproc_per_node: int | None, **
         return
 
     from bnpipe.train.artifacts import sidecar_paths
+    from bnpipe.train.distributed import env_world
     from bnpipe.train.loop import train as run_training
 
     if resume is not None:
@@ -76,7 +75,7 @@ def train(ctx: click.Context, resume: str | None, nproc_per_node: int | None, **
         config = TrainConfig(**options)  # type: ignore[arg-type]
     metrics = run_training(config, log=click.echo, resume=resume)
     json_path, png_path = sidecar_paths(config.out)
-    if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 speaks for all
+    if env_world().is_main:  # under torchrun, rank 0 speaks for all
         click.echo(f"final test accuracy {metrics[-1]['test_acc']:.4f}; wrote {config.out}, {json_path}, {png_path}")
 
 

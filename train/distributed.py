@@ -50,6 +50,23 @@ def launched_by_torchrun() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
+def env_world() -> World:
+    """This process's place as torchrun's environment gives it (``SINGLE`` without torchrun), before any group exists.
+
+    Raises:
+        BnpipeError: RANK, WORLD_SIZE or LOCAL_RANK is not an integer, or RANK is outside WORLD_SIZE.
+    """
+    if not launched_by_torchrun():
+        return SINGLE
+    try:
+        world = World(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", "0")))
+    except ValueError:
+        raise BnpipeError("RANK, WORLD_SIZE and LOCAL_RANK must be integers (set them through torchrun)") from None
+    if not 0 <= world.rank < world.size:
+        raise BnpipeError(f"RANK {world.rank} is outside WORLD_SIZE {world.size}")
+    return world
+
+
 def restart_count() -> int:
     """How many times torchrun has restarted this worker group (0 on the first attempt)."""
     return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
@@ -69,14 +86,9 @@ def init_world(device: torch.device, timeout_s: float) -> tuple[World, torch.dev
         BnpipeError: The group could not be formed within ``timeout_s`` (an unreachable master,
             missing ranks) or the environment is inconsistent.
     """
-    if not launched_by_torchrun():
+    world = env_world()
+    if world is SINGLE:
         return SINGLE, device
-    try:
-        world = World(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", "0")))
-    except ValueError:
-        raise BnpipeError("RANK, WORLD_SIZE and LOCAL_RANK must be integers (set them through torchrun)") from None
-    if not 0 <= world.rank < world.size:
-        raise BnpipeError(f"RANK {world.rank} is outside WORLD_SIZE {world.size}")
     if device.type == "cuda":
         device = torch.device("cuda", world.local_rank)
         torch.cuda.set_device(device)

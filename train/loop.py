@@ -21,7 +21,7 @@ from bnpipe.train.artifacts import write_artifacts
 from bnpipe.train.config import TrainConfig
 from bnpipe.train.data import load_mnist
 from bnpipe.train.distributed import (SINGLE, World, all_reduce_sum, batch_count, broadcast_buffers, close_world,
-                                     epoch_order, init_world, launched_by_torchrun, local_batches)
+                                     env_world, epoch_order, init_world, local_batches)
 from bnpipe.train.model import build_model, default_arch
 from bnpipe.train.precise_bn import recompute_bn_stats
 from bnpipe.train.preprocess import Normalization
@@ -137,7 +137,7 @@ def train(config: TrainConfig, log: Callable[[str], None] = print, resume: str |
         raise BnpipeError(f"--out {config.out}: the .json sidecar and .png plot go beside the checkpoint; "
                           "give it another suffix, such as .pt")
     device = resolve_device(config.device)
-    if not launched_by_torchrun() or os.environ.get("RANK") == "0":
+    if env_world().is_main:
         check_writable(config.out)  # before minutes of training, not after
     world, device = init_world(device, config.dist_timeout)
     keep_freed_memory()
