@@ -92,7 +92,7 @@ class Batcher:
             # Wake the worker only when `_take` would stop waiting; otherwise its deadline does.
             # Each wake-up takes the GIL from this loop, which holds it while busy: a wake-up
             # per request made the worker queue for the GIL instead of running the batch.
-            if first or self.queued >= self.max_batch or self.busy <= len(self._queue):
+            if first or self.queued >= self.max_batch or self._all_in_service_queued():
                 self._cond.notify()
         return future
 
@@ -104,6 +104,10 @@ class Batcher:
         if self._thread is not None:
             self._thread.join(timeout)
 
+    def _all_in_service_queued(self) -> bool:
+        """Every request handed to `submit` and not yet answered is in the queue: no other will join."""
+        return self.busy <= len(self._queue)
+
     def _take(self) -> list[_Pending] | None:
         """Block until a batch is due; return its requests (None: stopped and drained)."""
         with self._cond:
@@ -114,7 +118,7 @@ class Batcher:
             deadline = self._queue[0].arrived + self.max_delay
             # Wait for others only while other requests are in service (busy > queued: their
             # clients will send again): a request alone, as at concurrency 1, runs at once.
-            while self.queued < self.max_batch and not self._stopping and self.busy > len(self._queue):
+            while self.queued < self.max_batch and not self._stopping and not self._all_in_service_queued():
                 left = deadline - time.perf_counter()
                 if left <= 0:
                     break
@@ -155,6 +159,6 @@ class Batcher:
                     item.future.set_result(out[row:row + n])
             row += n
         self.busy -= len(batch)
-        if self._queue and self.busy <= len(self._queue):  # every request in service is queued: run now
+        if self._queue and self._all_in_service_queued():  # nobody else will send: run now
             with self._cond:
                 self._cond.notify()
