@@ -69,6 +69,10 @@ def load_onnx(path: str | os.PathLike[str]) -> tuple[onnx.ModelProto, bool]:
         raise BnpipeError(f"{path}: cannot read it or its external data ({exc.strerror or one_line(exc)})") from None
     if model.ir_version == 0 or not model.HasField("graph") or not model.graph.node:
         raise BnpipeError(f"{path}: not an ONNX model (no IR version or no graph)")
+    try:  # a node without its inputs would otherwise fail deep inside the fold
+        onnx.checker.check_model(str(p))  # by path: a model with external data may pass 2 GB
+    except onnx.checker.ValidationError as exc:
+        raise BnpipeError(f"{path}: not a valid ONNX model ({one_line(exc, 160)})") from None
     return model, external
 
 
@@ -109,6 +113,7 @@ def fold_onnx_file(
     if out_path.exists() and src_path.exists() and os.path.samefile(out_path, src_path):  # links too
         raise BnpipeError(f"{out}: is the input file; write the folded model to another path")
     model, external = load_onnx(src_path)
+    feeds = random_inputs(model, shapes or {})  # a bad --shape fails before any work; folding keeps the inputs
     check_writable(out_path)
     before = graph_stats(model)
     folded = fold_graph(model)
@@ -135,7 +140,6 @@ def fold_onnx_file(
             onnx.checker.check_model(str(staged), full_check=True)
         except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
             raise BnpipeError(f"{out}: the folded model fails onnx.checker: {one_line(exc)}") from None
-        feeds = random_inputs(model, shapes or {})
         want, got = run_cpu(src_path, feeds), run_cpu(staged, feeds)
         diff = max((relative_difference(w, g) for w, g in zip(want, got)), default=0.0)
         if len(want) != len(got) or not diff <= tolerance:  # `not <=` also catches NaN

@@ -185,6 +185,18 @@ def test_cli_bad_input_is_one_line(tmp_path: Path, case: str) -> None:
     assert not out.exists() and src.read_bytes() == before
 
 
+@pytest.mark.parametrize("broken", ["BatchNormalization", "Conv"])
+def test_cli_malformed_model_is_one_line(tmp_path: Path, broken: str) -> None:
+    src, out = tmp_path / "in.onnx", tmp_path / "out.onnx"
+    model = layer_bn("Conv")
+    node = next(n for n in model.graph.node if n.op_type == broken)
+    del node.input[1:]  # a BN without its statistics, a Conv without its weight
+    onnx.save(model, str(src))
+    code, lines = _fold_cli(str(src), str(out))
+    assert code == 1 and len(lines) == 1 and lines[0].startswith(f"bnpipe: error: {src}: not a valid ONNX model ("), lines
+    assert broken in lines[0] and not out.exists()
+
+
 def test_random_inputs_take_each_inputs_type_and_shape() -> None:
     model = make_model([helper.make_node("Identity", ["x"], ["y"])], {"x": ["batch", 3, "h"]}, ["y"], {},
                        elem=onnx.TensorProto.UINT8)  # fmt: skip
