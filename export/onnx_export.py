@@ -94,13 +94,6 @@ def build_metadata(ckpt: dict[str, Any], checkpoint: str | os.PathLike[str], bn_
     }
 
 
-def set_metadata(model: onnx.ModelProto, metadata: dict[str, str]) -> None:
-    """Replace the model's ``metadata_props`` with ``metadata``."""
-    del model.metadata_props[:]
-    for key, value in metadata.items():
-        model.metadata_props.add(key=key, value=value)
-
-
 def torch_reference_logits(checkpoint: str | os.PathLike[str], pixels: np.ndarray) -> np.ndarray:
     """PyTorch eval of the unfolded checkpoint on raw pixels uint8 [N, 1, 28, 28]: logits [N, 10]."""
     ckpt, net = load_net(checkpoint)

@@ -18,7 +18,7 @@ from bnpipe import __version__
 from bnpipe.atomic import atomic_path, check_writable
 from bnpipe.errors import BnpipeError, one_line
 from bnpipe.export.onnx_fold import fold_graph
-from bnpipe.export.onnx_verify import graph_stats, random_inputs, relative_difference, run_cpu
+from bnpipe.export.onnx_verify import graph_stats, random_inputs, relative_difference, run_cpu, set_metadata
 
 DEFAULT_TOLERANCE = 1e-4
 
@@ -125,8 +125,7 @@ def fold_onnx_file(
                                         "left": len(folded.left)})  # fmt: skip
     if folded.folded and not folded.left and "bn_folded" in meta:  # a bnpipe export's flag now tells the truth
         meta["bn_folded"] = "true"
-    del model.metadata_props[:]
-    onnx.helper.set_model_props(model, meta)
+    set_metadata(model, meta)
 
     out_path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".bnpipe-fold.", dir=out_path.parent) as stage:

@@ -108,3 +108,9 @@ def relative_difference(reference: np.ndarray, candidate: np.ndarray) -> float:
     finite = ref[np.isfinite(ref)]
     magnitude = float(np.max(np.abs(finite))) if finite.size else 0.0
     return float(np.max(diff)) / max(magnitude, np.finfo(np.float64).tiny)
+
+
+def set_metadata(model: onnx.ModelProto, metadata: Mapping[str, str]) -> None:
+    """Replace the model's ``metadata_props`` with ``metadata``."""
+    del model.metadata_props[:]
+    helper.set_model_props(model, dict(metadata))

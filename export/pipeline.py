@@ -16,9 +16,9 @@ from bnpipe.errors import BnpipeError, one_line
 from bnpipe.export.fold import fold_batchnorms
 from bnpipe.export.onnx_export import (
     DEFAULT_OPSET, PixelsToLogits, build_metadata, compare_logits, load_net, ort_logits,
-    set_metadata, to_onnx, torch_reference_logits, verification_pixels, weight_count,
+    to_onnx, torch_reference_logits, verification_pixels, weight_count,
 )  # fmt: skip
-from bnpipe.export.onnx_verify import graph_stats
+from bnpipe.export.onnx_verify import graph_stats, set_metadata
 from bnpipe.serve.triton_repo import check_repository_writable, export_repository
 from bnpipe.train.preprocess import Normalization
 
