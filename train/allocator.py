@@ -2,9 +2,10 @@
 
 PyTorch's CPU allocator has no cache: every activation and gradient is a fresh ``malloc``. With
 glibc's defaults, blocks of this net's size (0.3-1.2 MB) are served by ``mmap`` or trimmed from
-the heap top when freed, so each step touches them anew: about 350 page faults per step of 64,
-10% of the step's time on the 2-core machine (``benchmarks/train_speed.py --breakdown``). Serving
-them from a heap that is never trimmed makes the same memory warm for the next step.
+the heap top when freed, so each step may touch them anew: 0 to 750 page faults per step of 64,
+depending on where glibc's dynamic thresholds stand, and up to 14% of the step's time on the 2-core
+machine (``benchmarks/train_speed.py --breakdown``). Serving them from a heap that is never trimmed
+keeps the same memory warm for the next step: 1 or 2 faults per step.
 """
 
 from __future__ import annotations
