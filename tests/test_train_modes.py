@@ -39,7 +39,8 @@ def test_recorded_test_accuracy_is_a_fresh_eval_of_the_checkpoint(trained_checkp
     with torch.no_grad():  # an eval of our own, not `evaluate`, which wrote the recorded figures
         logits = model(Normalization.from_dict(ckpt["preprocessing"]).apply(x)).double()
     assert (logits.argmax(1) == y).double().mean().item() == ckpt["metrics"][-1]["test_acc"]
-    assert F.cross_entropy(logits, y).item() == pytest.approx(ckpt["metrics"][-1]["test_loss"], rel=1e-6)
+    # `evaluate` sums each batch of 256 losses in float32 (relative error up to ~256 * 6e-8)
+    assert F.cross_entropy(logits, y).item() == pytest.approx(ckpt["metrics"][-1]["test_loss"], rel=2e-5)
 
 
 def test_train_one_epoch_trains_in_train_mode_from_a_model_left_in_eval(tiny_mnist: Path) -> None:
@@ -49,7 +50,7 @@ def test_train_one_epoch_trains_in_train_mode_from_a_model_left_in_eval(tiny_mni
     model.features[1].register_forward_pre_hook(lambda m, inputs: modes.append(m.training))
     before = _buffers(model)
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
-    train_one_epoch(model, x, y, Normalization.from_mode("half", x), opt, make_scheduler(opt, "none", 10), 64,
+    train_one_epoch(model, Normalization.from_mode("half", x).apply(x), y, opt, make_scheduler(opt, "none", 10), 64,
                     epoch_order(x.shape[0], 0, 1))
     assert modes and all(modes)
     assert not torch.equal(model.features[1].running_mean, before["features.1.running_mean"]), "BN statistics move"

@@ -1,4 +1,4 @@
-"""The training loop: whole-tensor MNIST, batch normalization on the fly, one sync per epoch."""
+"""The training loop: whole-tensor MNIST normalized once, one sync per epoch."""
 
 from __future__ import annotations
 
@@ -34,9 +34,8 @@ NAN_CHECK_EVERY = 100  # batches between loss checks: each check is a device syn
 
 def train_one_epoch(
     model: nn.Module,
-    images: torch.Tensor,
+    inputs: torch.Tensor,
     labels: torch.Tensor,
-    norm: Normalization,
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     batch_size: int,
@@ -45,7 +44,7 @@ def train_one_epoch(
     progress: bool = False,
     after_step: Callable[[int], None] | None = None,
 ) -> tuple[float, float]:
-    """One pass over ``images`` (uint8 [N,1,28,28] on the model's device) in the given ``order``.
+    """One pass over ``inputs`` (normalized float [N,1,28,28] on the model's device) in the given ``order``.
 
     ``batch_size`` is the global batch: each rank takes its slice of it. Each rank's loss is its
     share of the global batch's mean, times the number of ranks, so that DDP's gradient average
@@ -60,13 +59,13 @@ def train_one_epoch(
         FloatingPointError: The loss became NaN or infinite.
     """
     model.train()
-    loss_sum = torch.zeros((), device=images.device)
-    correct = torch.zeros((), dtype=torch.long, device=images.device)
+    loss_sum = torch.zeros((), device=inputs.device)
+    correct = torch.zeros((), dtype=torch.long, device=inputs.device)
     seen = 0
-    batches = local_batches(order.to(images.device), batch_size, world)
+    batches = local_batches(order.to(inputs.device), batch_size, world)
     total = batch_count(order.shape[0], batch_size, world)
     for i, (idx, global_count) in enumerate(tqdm(batches, desc="train", total=total, leave=False, disable=not progress)):
-        x, y = norm.apply(images[idx]), labels[idx]
+        x, y = inputs.index_select(0, idx), labels.index_select(0, idx)
         logits = model(x)
         summed = F.cross_entropy(logits, y, reduction="sum")
         optimizer.zero_grad(set_to_none=True)
@@ -82,7 +81,7 @@ def train_one_epoch(
             break
     if not _all_finite(loss_sum, world):
         raise FloatingPointError("training loss is not finite")
-    loss_total, correct_total, n = all_reduce_sum([loss_sum, correct, seen], images.device, world)
+    loss_total, correct_total, n = all_reduce_sum([loss_sum, correct, seen], inputs.device, world)
     return loss_total / n, correct_total / n
 
 
@@ -169,11 +168,15 @@ def _train(config: TrainConfig, log: Callable[[str], None], resume: str | None, 
         train_x, train_y = train_x[: config.limit_train], train_y[: config.limit_train]
     norm = Normalization.from_mode(config.normalize, train_x)
     train_x, train_y, test_x, test_y = (t.to(device) for t in (train_x, train_y, test_x, test_y))
+    # The training set normalized once (188 MB of float32 for MNIST): each step then gathers its batch in
+    # one op, instead of gathering pixels and normalizing them in five.
+    train_inputs = norm.apply(train_x)
 
     arch = default_arch(arch_bn_for(config.bn, device))
     model = build_model(arch).to(device)
+    # fused: one kernel over all the parameters instead of a few ops per tensor (2% of a CPU step here)
     optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
-                                weight_decay=config.weight_decay)
+                                weight_decay=config.weight_decay, fused=True)
     steps_per_epoch = batch_count(train_x.shape[0], config.batch_size, world)
     scheduler = make_scheduler(optimizer, config.schedule, config.epochs * steps_per_epoch)
     metrics: list[dict[str, float]] = []
@@ -207,7 +210,7 @@ def _train(config: TrainConfig, log: Callable[[str], None], resume: str | None, 
         order = epoch_order(train_x.shape[0], config.seed, epoch)
         hook = kill_hook(world.rank, (epoch - 1) * steps_per_epoch)
         try:
-            train_loss, train_acc = train_one_epoch(model, train_x, train_y, norm, optimizer, scheduler,
+            train_loss, train_acc = train_one_epoch(model, train_inputs, train_y, optimizer, scheduler,
                                                     config.batch_size, order, world, progress, hook)
         except FloatingPointError:
             kept = f"; the last good checkpoint is still {config.out}" if metrics else "; no checkpoint was written"
@@ -219,7 +222,7 @@ def _train(config: TrainConfig, log: Callable[[str], None], resume: str | None, 
         line = (f"epoch {epoch}/{config.epochs}  train loss {train_loss:.4f} acc {train_acc:.4f}  "
                 f"test loss {test_loss:.4f} acc {test_acc:.4f}  {row['seconds']:.1f}s")
         if epoch == config.epochs and config.precise_bn > 0:
-            ran = recompute_bn_stats(net, train_x, norm, config.batch_size, config.precise_bn,
+            ran = recompute_bn_stats(net, train_inputs, config.batch_size, config.precise_bn,
                                      epoch_order(train_x.shape[0], config.seed, epoch + 1), world)
             row.update(precise_bn_batches=ran, test_loss_before_precise_bn=test_loss, test_acc_before_precise_bn=test_acc)
             row["test_loss"], row["test_acc"] = evaluate(net, test_x, test_y, norm, world=world)

@@ -7,6 +7,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from bnpipe.train import conv_bn
 from bnpipe.train.batchnorm import ScratchBatchNorm2d
 from bnpipe.train.config import BN_CHOICES
 from bnpipe.train.maxpool import MaxPool2x2
@@ -31,7 +32,8 @@ class BNConvNet(nn.Module):
     -> flatten [N,400] -> [N,10]. With BN the convs have no bias: BN's shift makes it redundant.
     Each pool runs before its ReLU: max and ReLU commute (values and gradients), and ReLU then
     touches 4x fewer elements. Neither has parameters, so the state_dict keys are unchanged. The
-    pools are ``nn.MaxPool2d(2)`` with a faster CPU path (`bnpipe.train.maxpool`).
+    pools are ``nn.MaxPool2d(2)`` with a faster CPU path (`bnpipe.train.maxpool`). In a training step
+    on the CPU the first conv and its BN run as one (`bnpipe.train.conv_bn`): the same function.
     """
 
     def __init__(self, bn: str = "torch", in_channels: int = 1, num_classes: int = 10) -> None:
@@ -45,6 +47,9 @@ class BNConvNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Normalized images [N, 1, 28, 28] -> logits [N, num_classes]."""
+        conv, bn = self.features[0], self.features[1]
+        if conv_bn.applies(conv, bn, x):
+            return self.classifier(self.features[2:](conv_bn.conv_bn_train(x, conv, bn)).flatten(1))
         return self.classifier(self.features(x).flatten(1))
 
 

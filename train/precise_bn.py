@@ -22,7 +22,6 @@ from torch import nn
 
 from bnpipe.train.batchnorm import ScratchBatchNorm2d, moment_sums, moments_from_sums
 from bnpipe.train.distributed import World, local_batches
-from bnpipe.train.preprocess import Normalization
 
 BN_TYPES = (nn.modules.batchnorm._BatchNorm, ScratchBatchNorm2d)
 
@@ -84,14 +83,13 @@ def update_bn_stats(model: nn.Module, batches: Iterable[torch.Tensor], reduce_ra
     return count
 
 
-def recompute_bn_stats(net: nn.Module, images: torch.Tensor, norm: Normalization, batch_size: int, count: int,
-                       order: torch.Tensor, world: World) -> int:
+def recompute_bn_stats(net: nn.Module, inputs: torch.Tensor, batch_size: int, count: int, order: torch.Tensor,
+                       world: World) -> int:
     """Precise BN over the first ``count`` global batches of ``order``; each rank runs its slice.
 
     Args:
         net: The bare model (not the DDP wrapper).
-        images: Training images, uint8 [N, C, H, W].
-        norm: Turns pixels into network inputs.
+        inputs: Normalized training images [N, C, H, W], as in training.
         batch_size: The global batch, split over the ranks as in training.
         count: Global batches to run (at most one pass over ``order``).
         order: The sample order to take them from.
@@ -100,5 +98,5 @@ def recompute_bn_stats(net: nn.Module, images: torch.Tensor, norm: Normalization
     Returns:
         The number of batches run.
     """
-    local = islice(local_batches(order.to(images.device), batch_size, world), count)
-    return update_bn_stats(net, (norm.apply(images[idx]) for idx, _ in local), reduce_ranks=world.distributed)
+    local = islice(local_batches(order.to(inputs.device), batch_size, world), count)
+    return update_bn_stats(net, (inputs.index_select(0, idx) for idx, _ in local), reduce_ranks=world.distributed)
