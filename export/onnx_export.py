@@ -16,6 +16,7 @@ from torch import nn
 from bnpipe import __version__
 from bnpipe.contract import INPUT_NAME, OUTPUT_NAME, input_layout
 from bnpipe.errors import BnpipeError, one_line
+from bnpipe.export.onnx_verify import run_cpu
 from bnpipe.train.checkpoint import file_sha256, load_checkpoint, model_from_checkpoint
 from bnpipe.train.preprocess import Normalization
 
@@ -104,16 +105,7 @@ def torch_reference_logits(checkpoint: str | os.PathLike[str], pixels: np.ndarra
 
 def ort_logits(model_path: str | os.PathLike[str], pixels: np.ndarray, optimize: bool = True) -> np.ndarray:
     """Run an ONNX file on onnxruntime's CPU provider: pixels uint8 [N, 1, 28, 28] -> logits [N, 10]."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    if not optimize:
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    try:
-        session = ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
-        return session.run([OUTPUT_NAME], {INPUT_NAME: pixels})[0]
-    except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own Fail/InvalidGraph/NotImplemented
-        raise BnpipeError(f"onnxruntime {ort.__version__} cannot run the exported model: {one_line(exc)}") from None
+    return run_cpu(model_path, {INPUT_NAME: pixels}, optimize=optimize)[0]  # the contract's one output
 
 
 def verification_pixels(data_root: Path | None, n: int = 1000, seed: int = 0) -> tuple[np.ndarray, str]:

@@ -73,8 +73,17 @@ def random_inputs(model: onnx.ModelProto, shapes: Mapping[str, Sequence[int]], s
     return feeds
 
 
-def run_cpu(model_path: str | os.PathLike[str], feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
-    """Run a model file on onnxruntime's CPU provider, graph optimizations off (the graph as written).
+def run_cpu(model_path: str | os.PathLike[str], feeds: Mapping[str, np.ndarray], optimize: bool = False
+            ) -> list[np.ndarray]:
+    """Run a model file once on onnxruntime's CPU provider.
+
+    Args:
+        model_path: The ONNX file.
+        feeds: Input name -> array.
+        optimize: Let onnxruntime optimize the graph; off by default, to run the graph as written.
+
+    Returns:
+        Every output, in the graph's order.
 
     Raises:
         BnpipeError: onnxruntime cannot load or run it.
@@ -82,7 +91,8 @@ def run_cpu(model_path: str | os.PathLike[str], feeds: Mapping[str, np.ndarray])
     import onnxruntime as ort
 
     options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    if not optimize:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     try:
         session = ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
         return session.run(None, dict(feeds))
