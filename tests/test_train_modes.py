@@ -47,7 +47,8 @@ def test_train_one_epoch_trains_in_train_mode_from_a_model_left_in_eval(tiny_mni
     x, y = load_mnist(tiny_mnist, train=True)
     model = build_model(default_arch()).eval()
     modes: list[bool] = []
-    model.features[1].register_forward_pre_hook(lambda m, inputs: modes.append(m.training))
+    # On the second BN: a hook on the first would keep it from its fused CPU path (bnpipe.train.conv_bn).
+    model.features[5].register_forward_pre_hook(lambda m, inputs: modes.append(m.training))
     before = _buffers(model)
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     train_one_epoch(model, Normalization.from_mode("half", x).apply(x), y, opt, make_scheduler(opt, "none", 10), 64,

@@ -34,6 +34,23 @@ def moments_from_sums(sums: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, t
     return mean, (sums[1 + c :] / n - mean * mean).clamp_min(0), n  # E[x^2] - E[x]^2
 
 
+@torch.no_grad()
+def update_moving_stats(moving_mean: torch.Tensor, moving_var: torch.Tensor, mean: torch.Tensor, var: torch.Tensor,
+                        n: int | float, momentum: float) -> None:
+    """PyTorch's update of the moving statistics [C] in place, from a batch's mean and biased variance [C].
+
+    ``momentum`` weighs the new batch; the moving variance takes the unbiased batch variance (``n``
+    values per channel, so times n / (n - 1)). See :func:`batch_norm` for the tutorial's reversed form.
+    """
+    moving_mean.mul_(1 - momentum).add_(mean.detach().to(moving_mean.dtype), alpha=momentum)
+    moving_var.mul_(1 - momentum).add_((var.detach() * (n / (n - 1))).to(moving_var.dtype), alpha=momentum)
+
+
+def batch_momentum(momentum: float | None, num_batches_tracked: torch.Tensor) -> float:
+    """The weight of this batch, after counting it in ``num_batches_tracked``: None means a cumulative average."""
+    return momentum if momentum is not None else 1.0 / float(num_batches_tracked)
+
+
 def batch_norm(
     x: torch.Tensor,
     gamma: torch.Tensor | None,
@@ -83,9 +100,7 @@ def batch_norm(
         mean, var, n = (batch_stats or local_batch_stats)(x)
         if n <= 1:
             raise ValueError(f"batch_norm needs more than 1 value per channel when training, got shape {tuple(x.shape)}")
-        with torch.no_grad():
-            moving_mean.mul_(1 - momentum).add_(mean.detach(), alpha=momentum)
-            moving_var.mul_(1 - momentum).add_(var.detach() * (n / (n - 1)), alpha=momentum)
+        update_moving_stats(moving_mean, moving_var, mean, var, n, momentum)
     else:
         mean, var = moving_mean, moving_var
     y = (x - mean.reshape(shape)) * torch.rsqrt(var.reshape(shape) + eps)
@@ -116,13 +131,12 @@ class ScratchBatchNorm2d(nn.Module):
         """Normalize [N, C, H, W]; in training also count the batch and update the moving statistics."""
         if x.dim() != 4:
             raise ValueError(f"ScratchBatchNorm2d expects [N, C, H, W] input, got shape {tuple(x.shape)}")
-        momentum = self.momentum
+        momentum = 0.0
         if self.training:
             self.num_batches_tracked.add_(1)
-            if momentum is None:  # cumulative moving average, as in PyTorch
-                momentum = 1.0 / float(self.num_batches_tracked)
+            momentum = batch_momentum(self.momentum, self.num_batches_tracked)
         return batch_norm(x, self.weight, self.bias, self.running_mean, self.running_var,
-                          self.training, momentum if momentum is not None else 0.0, self.eps, self.batch_stats())
+                          self.training, momentum, self.eps, self.batch_stats())
 
     def batch_stats(self) -> BatchStats | None:
         """How training computes the batch statistics: None for this batch alone."""

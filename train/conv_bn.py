@@ -10,9 +10,9 @@ patches, with the weight and bias folded as at export, but with the batch's stat
 
 One matmul over the patches gives BN's output directly: no pass over the conv's output to normalize
 it and none for BN's backward, whose work autograd does on the few numbers of ``m``, ``S`` and
-``w``. The moments are summed per image in float32 by one batched matmul, and in float64 over the batch. This pays
-only where the patches are few and need no gradient: the first layer, whose input is the data
-(``benchmarks/train_speed.py --breakdown`` times it against ``bn(conv(x))``).
+``w``. The moments are summed per image in float32 by one batched matmul, and in float64 over the
+batch. This pays only where the patches are few and need no gradient: the first layer, whose input
+is the data (``benchmarks/train_speed.py --breakdown`` times it against ``bn(conv(x))``).
 """
 
 from __future__ import annotations
@@ -22,30 +22,66 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
+from bnpipe.train.batchnorm import batch_momentum, update_moving_stats
+
 MAX_PATCH = 32  # the covariance costs N * L * D^2: beyond a few dozen patch values a plain BN is cheaper
+_GLOBAL_HOOKS = ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
+                 "_global_backward_pre_hooks")
 
 
-def applies(conv: nn.Module, bn: nn.Module, x: object) -> bool:
-    """Whether :func:`conv_bn_train` computes ``bn(conv(x))`` here, exactly as the two modules would.
+def _hooked(*modules: nn.Module) -> bool:
+    """Whether any module hook, global or on one of ``modules``, would expect the modules' own calls."""
+    kinds = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+    return (any(getattr(nn.modules.module, name, None) for name in _GLOBAL_HOOKS)
+            or any(getattr(m, kind, None) for m in modules for kind in kinds))
 
-    It needs: a training step (BN in training mode with running statistics, gradients on), a CPU
-    tensor input that needs no gradient (the data), a plain 2-D conv (stride 1, no dilation, one
-    group, zero padding) with few patch values, and no hooks on either module, which would miss the
-    calls. Anything else (eval, ``torch.fx`` proxies, ``torch.export``) takes the two modules.
+
+def applies(conv: nn.Module, bn: nn.Module, x: object, container: nn.Module | None = None) -> bool:
+    """Whether :func:`conv_bn_train` may stand in for ``bn(conv(x))``, exactly as the two modules compute it.
+
+    It needs a training step (BN in training mode with running statistics, gradients on, no tracing);
+    a float32 CPU input that needs no gradient (the data; autocast off); a plain 2-D conv (stride 1, no
+    dilation, one group, zero padding) with few patch values; and no hooks on either module or on the
+    ``container`` that calls them, which would miss the calls. Anything else (eval, ``torch.fx`` proxies,
+    ``torch.export``, precise BN's hooks) takes the two modules. Like the CPU max pool, its backward
+    cannot be differentiated again (``create_graph=True`` raises).
+
+    Args:
+        conv: The conv.
+        bn: The BN that takes the conv's output.
+        x: The conv's input.
+        container: The module that would call the two, if its hooks matter too.
+
+    Returns:
+        True where the fused path gives the two modules' results.
     """
     return (isinstance(x, torch.Tensor) and x.device.type == "cpu" and x.dim() == 4 and not x.requires_grad
-            and torch.is_grad_enabled() and not torch.compiler.is_compiling()
+            and x.dtype == torch.float32 and torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu")
+            and not torch.compiler.is_compiling() and not torch.jit.is_tracing()
             and type(conv) is nn.Conv2d and type(bn) is nn.BatchNorm2d and bn.training and bn.affine
-            and bn.track_running_stats and conv.stride == (1, 1) and conv.dilation == (1, 1) and conv.groups == 1
+            and bn.track_running_stats and conv.weight.dtype == bn.weight.dtype == torch.float32
+            and conv.stride == (1, 1) and conv.dilation == (1, 1) and conv.groups == 1
             and conv.padding_mode == "zeros" and isinstance(conv.padding, tuple)
             and conv.in_channels * conv.kernel_size[0] * conv.kernel_size[1] <= MAX_PATCH
-            and not (conv._forward_hooks or conv._forward_pre_hooks or bn._forward_hooks or bn._forward_pre_hooks))
+            and not _hooked(conv, bn, *([container] if container is not None else [])))
 
 
-def patches(x: torch.Tensor, kernel: tuple[int, int], padding: tuple[int, int]) -> torch.Tensor:
-    """The im2col of [N, C, H, W] ``x`` for a stride-1 conv: [N, C * kh * kw, Ho * Wo], channel-major rows."""
+def patches(x: torch.Tensor, kernel: tuple[int, int], padding: tuple[int, int],
+            shift: torch.Tensor | None = None) -> torch.Tensor:
+    """The im2col of [N, C, H, W] ``x`` for a stride-1 conv with zero padding.
+
+    Args:
+        x: The input.
+        kernel: (kh, kw).
+        padding: (ph, pw), zeros on each side.
+        shift: Subtracted per channel [C] from the padded input, zeros included (see :func:`conv_bn_train`).
+
+    Returns:
+        [N, C * kh * kw, Ho * Wo], rows channel-major as the conv weight flattens.
+    """
     (kh, kw), (ph, pw) = kernel, padding
-    xp = F.pad(x, (pw, pw, ph, ph)).contiguous()
+    xp = F.pad(x, (pw, pw, ph, ph))
+    xp = xp - shift.view(1, -1, 1, 1) if shift is not None else xp.contiguous()
     n, c, h, w = xp.shape
     ho, wo = h - kh + 1, w - kw + 1
     sn, sc, sh, sw = xp.stride()
@@ -54,7 +90,11 @@ def patches(x: torch.Tensor, kernel: tuple[int, int], padding: tuple[int, int]) 
 
 
 def patch_moments(p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean [D] and biased covariance [D, D] in float64 of the patches ``p`` [N, D, L] over N and L."""
+    """The moments of the patches ``p`` [N, D, L] over N and L, in float64.
+
+    Returns:
+        mean [D] and biased covariance [D, D].
+    """
     count = p.shape[0] * p.shape[2]
     # Per image in float32 (sums of L products), over the batch in float64: summing the batch in float32
     # too made BN's output 2.7x further from a float64 reference than nn.BatchNorm2d's; this is as close.
@@ -68,21 +108,23 @@ class _FoldBatchStats(torch.autograd.Function):
 
     Autograd would record some 20 ops on vectors of 6 to 54 numbers, forward and backward, each costing
     more than its arithmetic: this does the same math in a few untracked ones. With ``r = 1/sqrt(var + eps)``
-    and ``s = gamma * r``::
+    and ``s = gamma * r``, for patches shifted by ``k`` (their mean ``m`` is of the unshifted ones)::
 
-        mean = w m + b,  var = w^T S w,  w' = w s,  b' = beta + (b - mean) s
+        mean = w m + b,  var = w^T S w,  w' = w s,  b' = beta + (b - mean) s + w' k
 
     and the backward of these, for incoming gradients ``g_w'`` [C_out, D] and ``g_b'`` [C_out]::
 
-        g_s = sum_d(g_w' w) + g_b' (b - mean),  g_gamma = g_s r,  g_beta = g_b',  g_var = -g_s s r^2 / 2
-        g_w = g_w' s - g_b' s m^T + 2 g_var (S w),  g_b = g_b' s - g_b' s = 0
+        g_s = sum_d((g_w' + g_b' k^T) w) + g_b' (b - mean),  g_gamma = g_s r,  g_beta = g_b'
+        g_var = -g_s s r^2 / 2,  g_w = (g_w' + g_b' k^T) s - g_b' s m^T + 2 g_var (S w)
+        g_b = g_b' s - g_b' s = 0
 
     (``tests/test_conv_bn.py`` checks it against autograd with ``torch.autograd.gradcheck``.)
     """
 
     @staticmethod
-    def forward(ctx: torch.autograd.function.FunctionCtx, w: torch.Tensor, b: torch.Tensor, gamma: torch.Tensor,  # type: ignore[override]
-                beta: torch.Tensor, mean_p: torch.Tensor, cov_p: torch.Tensor, eps: float,
+    def forward(ctx: torch.autograd.function.FunctionCtx, w: torch.Tensor,  # type: ignore[override]
+                b: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, mean_p: torch.Tensor,
+                cov_p: torch.Tensor, shift: torch.Tensor, eps: float
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         w64, b64 = w.double(), b.double()
         mean = torch.addmv(b64, w64, mean_p)
@@ -91,27 +133,59 @@ class _FoldBatchStats(torch.autograd.Function):
         r = (var + eps).rsqrt_()
         scale = gamma.double() * r
         weight = w64 * scale[:, None]
-        bias = beta.double() + (b64 - mean) * scale
-        ctx.save_for_backward(w64, b64, mean, sw, r, scale, mean_p)
+        bias = beta.double() + (b64 - mean) * scale + weight @ shift
+        ctx.save_for_backward(w64, b64, mean, sw, r, scale, mean_p, shift)
         ctx.mark_non_differentiable(mean, var)
         ctx.dtype = w.dtype  # type: ignore[attr-defined]
         return weight.to(w.dtype), bias.to(w.dtype), mean, var
 
     @staticmethod
     @once_differentiable
-    def backward(ctx: torch.autograd.function.FunctionCtx, g_weight: torch.Tensor, g_bias: torch.Tensor,  # type: ignore[override]
-                 _g_mean: torch.Tensor, _g_var: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        w64, b64, mean, sw, r, scale, mean_p = ctx.saved_tensors  # type: ignore[attr-defined]
-        g_weight, g_bias = g_weight.double(), g_bias.double()
+    def backward(ctx: torch.autograd.function.FunctionCtx, g_weight: torch.Tensor,  # type: ignore[override]
+                 g_bias: torch.Tensor, _g_mean: torch.Tensor, _g_var: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        w64, b64, mean, sw, r, scale, mean_p, shift = ctx.saved_tensors  # type: ignore[attr-defined]
+        g_bias = g_bias.double()
+        g_weight = g_weight.double() + torch.outer(g_bias, shift)  # w' also reaches b' through the shift
         g_scale = (g_weight * w64).sum(1) + g_bias * (b64 - mean)
         g_var = g_scale * scale * r * r * -0.5
         g_w = g_weight * scale[:, None] - torch.outer(g_bias * scale, mean_p) + 2 * g_var[:, None] * sw
         dtype = ctx.dtype  # type: ignore[attr-defined]
-        return g_w.to(dtype), torch.zeros_like(b64, dtype=dtype), (g_scale * r).to(dtype), g_bias.to(dtype), None, None, None
+        return (g_w.to(dtype), torch.zeros_like(b64, dtype=dtype), (g_scale * r).to(dtype), g_bias.to(dtype),
+                None, None, None, None)
+
+
+def _shift(mean_p: torch.Tensor, cov_p: torch.Tensor, channels: int) -> torch.Tensor | None:
+    """Per channel [C]: what to subtract from the input for patch moments that keep their precision.
+
+    E[p p^T] - m m^T cancels in float32 when the input sits far from zero: for 100 + 0.01 N(0, 1)
+    without padding, BN's output came out 8 away from float64 (``nn.BatchNorm2d``: 6e-3). Shifted by
+    about its mean, the padding alike, it is within 1.2e-6; the covariance is the same, and the folded
+    bias takes the shift back. The shift is each channel's mean, rounded to a power of two at most its
+    std: with few significant bits it leaves exact the values near it. None, for no second pass, where
+    every patch value's mean is within 10 std of zero (normalized MNIST: within 1.0-1.4e-6 of float64,
+    as ``nn.BatchNorm2d``).
+
+    Args:
+        mean_p: The patch mean [D] from :func:`patch_moments`, D = C * kh * kw.
+        cov_p: The patch covariance [D, D].
+        channels: C.
+
+    Returns:
+        [C] float32, or None.
+    """
+    var = cov_p.diagonal().clamp_min(0)
+    if bool((mean_p * mean_p <= 100 * var).all()):
+        return None
+    mean, std = mean_p.view(channels, -1).mean(1), var.view(channels, -1).mean(1).sqrt()
+    step = torch.exp2(torch.floor(torch.log2(std.clamp_min(1e-30))))  # a rough std is enough: 0, the mean
+    return (torch.round(mean / step) * step).float()
 
 
 def conv_bn_train(x: torch.Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d) -> torch.Tensor:
     """``bn(conv(x))`` in training mode, the running statistics updated as ``nn.BatchNorm2d`` does.
+
+    Where the input sits far from zero, the patches are taken of it minus about its mean per channel
+    (see :func:`_shift`).
 
     Args:
         x: The input [N, C, H, W]; see :func:`applies` for when this function may stand in.
@@ -120,27 +194,30 @@ def conv_bn_train(x: torch.Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d) -> torch
 
     Returns:
         BN's output [N, C_out, Ho, Wo].
+
+    Raises:
+        ValueError: One value per channel, as ``nn.BatchNorm2d`` refuses in training.
     """
-    p = patches(x, conv.kernel_size, conv.padding)  # type: ignore[arg-type]
-    n, _, length = p.shape
-    count = n * length
+    n, kernel, padding = x.shape[0], conv.kernel_size, conv.padding
+    ho, wo = (x.shape[2 + i] + 2 * padding[i] - kernel[i] + 1 for i in range(2))  # type: ignore[index]
+    count = n * ho * wo
     if count <= 1:
         raise ValueError(f"Expected more than 1 value per channel when training, got input size {tuple(x.shape)}")
     with torch.no_grad():
+        p = patches(x, kernel, padding)  # type: ignore[arg-type]
         mean_p, cov_p = patch_moments(p)
+        shift_p = torch.zeros_like(mean_p)  # [D]: each patch row's shift
+        shift = _shift(mean_p, cov_p, x.shape[1])
+        if shift is not None:  # a second pass, for inputs far from zero
+            p = patches(x, kernel, padding, shift)  # type: ignore[arg-type]
+            mean_p, cov_p = patch_moments(p)
+            shift_p += shift.double().repeat_interleave(kernel[0] * kernel[1])
+            mean_p += shift_p
     w = conv.weight.flatten(1)  # [C_out, D]
     b = conv.bias if conv.bias is not None else w.new_zeros(w.shape[0])
-    weight, bias, mean, var = _FoldBatchStats.apply(w, b, bn.weight, bn.bias, mean_p, cov_p, bn.eps)
-    _update_running_stats(bn, mean, var * (count / (count - 1)))
-    out = torch.baddbmm(bias.view(1, -1, 1), weight.expand(n, -1, -1), p)  # [N, C_out, Ho * Wo]
-    ho = x.shape[2] + 2 * conv.padding[0] - conv.kernel_size[0] + 1  # type: ignore[index]
-    return out.view(n, -1, ho, length // ho)
-
-
-@torch.no_grad()
-def _update_running_stats(bn: nn.BatchNorm2d, mean: torch.Tensor, unbiased_var: torch.Tensor) -> None:
-    """``nn.BatchNorm2d``'s update in training: count the batch, then average with its momentum."""
+    weight, bias, mean, var = _FoldBatchStats.apply(w, b, bn.weight, bn.bias, mean_p, cov_p, shift_p, bn.eps)
     bn.num_batches_tracked.add_(1)  # type: ignore[union-attr]
-    factor = bn.momentum if bn.momentum is not None else 1.0 / float(bn.num_batches_tracked)  # None: cumulative
-    bn.running_mean.mul_(1 - factor).add_(mean.to(bn.running_mean.dtype), alpha=factor)  # type: ignore[union-attr]
-    bn.running_var.mul_(1 - factor).add_(unbiased_var.to(bn.running_var.dtype), alpha=factor)  # type: ignore[union-attr]
+    update_moving_stats(bn.running_mean, bn.running_var, mean, var, count,  # type: ignore[arg-type]
+                        batch_momentum(bn.momentum, bn.num_batches_tracked))  # type: ignore[arg-type]
+    out = torch.baddbmm(bias.view(1, -1, 1), weight.expand(n, -1, -1), p)  # [N, C_out, Ho * Wo]
+    return out.view(n, -1, ho, wo)

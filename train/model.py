@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from itertools import islice
 from typing import Any
 
 import torch
@@ -48,9 +49,13 @@ class BNConvNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Normalized images [N, 1, 28, 28] -> logits [N, num_classes]."""
         conv, bn = self.features[0], self.features[1]
-        if conv_bn.applies(conv, bn, x):
-            return self.classifier(self.features[2:](conv_bn.conv_bn_train(x, conv, bn)).flatten(1))
-        return self.classifier(self.features(x).flatten(1))
+        if conv_bn.applies(conv, bn, x, self.features):
+            x = conv_bn.conv_bn_train(x, conv, bn)
+            for layer in islice(self.features, 2, None):
+                x = layer(x)
+        else:
+            x = self.features(x)
+        return self.classifier(x.flatten(1))
 
 
 def default_arch(bn: str = "torch") -> dict[str, Any]:
