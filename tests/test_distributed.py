@@ -159,3 +159,16 @@ def test_nproc_per_node_hands_over_to_torchrun(tiny_mnist: Path, tmp_path: Path)
     stdout, _ = run([sys.executable, *train_args(tiny_mnist, out, "--epochs", "1", "--nproc-per-node", "2")])
     assert stdout.count("final test accuracy") == 1
     assert load_checkpoint(out)["config"]["epochs"] == 1
+
+
+def test_precise_bn_on_two_ranks_averages_over_both(tiny_mnist: Path, tmp_path: Path) -> None:
+    # Synced BN keeps the weights those of one process on the global batch (above); precise BN then runs
+    # each rank's half of the same batches, and the all-reduced sums give one process's statistics.
+    more = ("--bn", "sync", "--precise-bn", "3", "--epochs", "1")
+    run([*TORCHRUN, "--standalone", "--nproc-per-node", "2", *train_args(tiny_mnist, tmp_path / "ddp.pt", *more)])
+    cfg = TrainConfig(data=str(tiny_mnist), epochs=1, limit_train=LIMIT, batch_size=BATCH, device="cpu", bn="sync",
+                      precise_bn=3, out=str(tmp_path / "one.pt"))
+    train(cfg, log=lambda line: None)
+    ddp, single = state(tmp_path / "ddp.pt"), state(tmp_path / "one.pt")
+    assert load_checkpoint(tmp_path / "ddp.pt")["metrics"][-1]["precise_bn_batches"] == 3
+    assert max(max_diff(ddp, single, "running_mean"), max_diff(ddp, single, "running_var")) < 1e-5

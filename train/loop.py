@@ -79,9 +79,11 @@ def train_one_epoch(
             after_step(i)
         if (i + 1) % NAN_CHECK_EVERY == 0 and not _all_finite(loss_sum, world):
             break
-    if not _all_finite(loss_sum, world):
+    # One all-reduce at the end: the ranks whose loss is not finite, with the sums for the epoch's metrics.
+    bad, loss_total, correct_total, n = all_reduce_sum(
+        [torch.isfinite(loss_sum).logical_not(), loss_sum, correct, seen], inputs.device, world)
+    if bad:
         raise FloatingPointError("training loss is not finite")
-    loss_total, correct_total, n = all_reduce_sum([loss_sum, correct, seen], inputs.device, world)
     return loss_total / n, correct_total / n
 
 

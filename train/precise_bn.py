@@ -70,9 +70,11 @@ def update_bn_stats(model: nn.Module, batches: Iterable[torch.Tensor], reduce_ra
         for h in handles:
             h.remove()
         model.train(was_training)
+    if reduce_ranks and dist.is_available() and dist.is_initialized() and sums:
+        flat = torch.cat(sums)  # every layer's sums in one all-reduce
+        dist.all_reduce(flat)
+        sums = list(flat.split([s.numel() for s in sums]))
     for m, s, t in zip(layers, sums, tracked):
-        if reduce_ranks and dist.is_available() and dist.is_initialized():
-            dist.all_reduce(s)
         m.num_batches_tracked.copy_(t)
         mean, var, n = moments_from_sums(s)
         if n < 2:
