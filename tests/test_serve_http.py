@@ -115,6 +115,18 @@ def test_infer_equals_the_model(client: httpclient.InferenceServerClient, refere
     assert np.array_equal(result.as_numpy("logits"), reference.logits(x))
 
 
+def test_infer_equals_a_bare_onnxruntime_session(client: httpclient.InferenceServerClient, model_path: Path) -> None:
+    # A reference that shares no code with the server: onnxruntime's own session on the same file. The
+    # server runs with its own thread count and batching, so the sums may round differently: 1e-5.
+    import onnxruntime as ort
+
+    x = images(7, seed=4)
+    session = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
+    expected = session.run(["logits"], {"pixels": x})[0]
+    np.testing.assert_allclose(infer(client, x).as_numpy("logits"), expected, rtol=0, atol=1e-5)
+    assert infer(client, x).as_numpy("logits").argmax(1).tolist() == expected.argmax(1).tolist()
+
+
 def test_nested_json_and_all_outputs_by_default(server: ServerProcess, reference: Model) -> None:
     x = images(2, seed=4)
     body = json.dumps({"inputs": [{"name": "pixels", "datatype": "UINT8", "shape": [2, 1, 28, 28],
