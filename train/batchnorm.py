@@ -39,15 +39,31 @@ def update_moving_stats(moving_mean: torch.Tensor, moving_var: torch.Tensor, mea
                         n: int | float, momentum: float) -> None:
     """PyTorch's update of the moving statistics [C] in place, from a batch's mean and biased variance [C].
 
-    ``momentum`` weighs the new batch; the moving variance takes the unbiased batch variance (``n``
-    values per channel, so times n / (n - 1)). See :func:`batch_norm` for the tutorial's reversed form.
+    The moving variance takes the unbiased batch variance. See :func:`batch_norm` for the tutorial's
+    reversed form.
+
+    Args:
+        moving_mean: Running mean [C], updated in place.
+        moving_var: Running variance [C], updated in place.
+        mean: The batch's mean [C].
+        var: The batch's biased variance [C].
+        n: Values per channel in the batch (the variance is made unbiased with n / (n - 1)).
+        momentum: The weight of the new batch.
     """
     moving_mean.mul_(1 - momentum).add_(mean.detach().to(moving_mean.dtype), alpha=momentum)
     moving_var.mul_(1 - momentum).add_((var.detach() * (n / (n - 1))).to(moving_var.dtype), alpha=momentum)
 
 
 def batch_momentum(momentum: float | None, num_batches_tracked: torch.Tensor) -> float:
-    """The weight of this batch, after counting it in ``num_batches_tracked``: None means a cumulative average."""
+    """The weight of this batch in the moving statistics, as ``nn.BatchNorm2d`` takes it.
+
+    Args:
+        momentum: The layer's momentum; None means a cumulative average.
+        num_batches_tracked: The batches counted so far, this one included.
+
+    Returns:
+        ``momentum``, or 1 / ``num_batches_tracked`` for None.
+    """
     return momentum if momentum is not None else 1.0 / float(num_batches_tracked)
 
 
