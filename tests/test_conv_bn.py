@@ -89,7 +89,8 @@ def test_the_hand_written_backward_is_autograds() -> None:
 
 def test_patch_moments_are_the_im2col_moments() -> None:
     x = torch.randn(3, 2, 7, 6, dtype=torch.float64)
-    p = conv_bn.patches(x, (3, 3), (1, 1))
+    p, spatial = conv_bn.patches(x, (3, 3), (1, 1))
+    assert spatial == (7, 6)
     unfold = F.unfold(x, 3, padding=1)  # [N, C * 9, L], torch's own im2col
     torch.testing.assert_close(p, unfold, atol=0, rtol=0)
     rows = unfold.transpose(1, 2).reshape(-1, 18)

@@ -67,7 +67,7 @@ def applies(conv: nn.Module, bn: nn.Module, x: object, container: nn.Module | No
 
 
 def patches(x: torch.Tensor, kernel: tuple[int, int], padding: tuple[int, int],
-            shift: torch.Tensor | None = None) -> torch.Tensor:
+            shift: torch.Tensor | None = None) -> tuple[torch.Tensor, tuple[int, int]]:
     """The im2col of [N, C, H, W] ``x`` for a stride-1 conv with zero padding.
 
     Args:
@@ -77,7 +77,7 @@ def patches(x: torch.Tensor, kernel: tuple[int, int], padding: tuple[int, int],
         shift: Subtracted per channel [C] from the padded input, zeros included (see :func:`conv_bn_train`).
 
     Returns:
-        [N, C * kh * kw, Ho * Wo], rows channel-major as the conv weight flattens.
+        The patches [N, C * kh * kw, Ho * Wo], rows channel-major as the conv weight flattens, and (Ho, Wo).
     """
     (kh, kw), (ph, pw) = kernel, padding
     xp = F.pad(x, (pw, pw, ph, ph))
@@ -86,7 +86,7 @@ def patches(x: torch.Tensor, kernel: tuple[int, int], padding: tuple[int, int],
     ho, wo = h - kh + 1, w - kw + 1
     sn, sc, sh, sw = xp.stride()
     # [N, C, kh, kw, Ho, Wo]: patch value (c, i, j) at output (y, x) is xp[n, c, y + i, x + j]
-    return xp.as_strided((n, c, kh, kw, ho, wo), (sn, sc, sh, sw, sh, sw)).reshape(n, c * kh * kw, ho * wo)
+    return xp.as_strided((n, c, kh, kw, ho, wo), (sn, sc, sh, sw, sh, sw)).reshape(n, c * kh * kw, ho * wo), (ho, wo)
 
 
 def patch_moments(p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -199,17 +199,16 @@ def conv_bn_train(x: torch.Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d) -> torch
         ValueError: One value per channel, as ``nn.BatchNorm2d`` refuses in training.
     """
     n, kernel, padding = x.shape[0], conv.kernel_size, conv.padding
-    ho, wo = (x.shape[2 + i] + 2 * padding[i] - kernel[i] + 1 for i in range(2))  # type: ignore[index]
-    count = n * ho * wo
-    if count <= 1:
-        raise ValueError(f"Expected more than 1 value per channel when training, got input size {tuple(x.shape)}")
     with torch.no_grad():
-        p = patches(x, kernel, padding)  # type: ignore[arg-type]
+        p, (ho, wo) = patches(x, kernel, padding)  # type: ignore[arg-type]
+        count = n * ho * wo
+        if count <= 1:
+            raise ValueError(f"Expected more than 1 value per channel when training, got input size {tuple(x.shape)}")
         mean_p, cov_p = patch_moments(p)
         shift_p = torch.zeros_like(mean_p)  # [D]: each patch row's shift
         shift = _shift(mean_p, cov_p, x.shape[1])
         if shift is not None:  # a second pass, for inputs far from zero
-            p = patches(x, kernel, padding, shift)  # type: ignore[arg-type]
+            p, _ = patches(x, kernel, padding, shift)  # type: ignore[arg-type]
             mean_p, cov_p = patch_moments(p)
             shift_p += shift.double().repeat_interleave(kernel[0] * kernel[1])
             mean_p += shift_p
