@@ -37,7 +37,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import statistics
 import subprocess
 import sys
@@ -46,7 +45,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from serve_procs import Server, cpu_seconds, free_port, ready  # beside this script
+from serve_procs import Server, cpu_seconds, free_port  # beside this script
 
 HERE = Path(__file__).resolve().parent
 BIN = Path(sys.executable).parent
@@ -68,13 +67,19 @@ def load(server: Server, concurrency: int, duration: float, warmup: float, gener
     cpu1 = cpu_seconds(server.proc.pid)
     latencies: list[float] = []
     errors = 0
-    for gen in gens:
-        out, _ = gen.communicate(timeout=60)
-        result = json.loads(out)
-        latencies += result["latencies"]
-        errors += result["error_count"]
-        if result["errors"]:
-            print(f"  {server.name} c{concurrency}: errors {result['errors']}", file=sys.stderr)
+    try:
+        for gen in gens:
+            out, _ = gen.communicate(timeout=60)
+            result = json.loads(out)
+            latencies += result["latencies"]
+            errors += result["error_count"]
+            if result["errors"]:
+                print(f"  {server.name} c{concurrency}: errors {result['errors']}", file=sys.stderr)
+    finally:  # a generator that failed or hung is not left behind
+        for gen in gens:
+            if gen.poll() is None:
+                gen.kill()
+                gen.wait(10)
     latencies.sort()
     n = len(latencies)
     return {"rps": n / duration, "p50": latencies[n // 2] * 1e3 if n else float("nan"),
@@ -93,20 +98,10 @@ def time_to_ready(model: str, device: str, one_png: Path, repeats: int) -> tuple
         if done.returncode != 0:
             sys.exit(f"bnpipe predict failed: {done.stderr.decode()[-500:]}")
         port = free_port()
+        cmd = [str(BIN / "bnpipe"), "serve", "--model", model, "--device", device, "--port", str(port)]
         t0 = time.perf_counter()
-        proc = subprocess.Popen([str(BIN / "bnpipe"), "serve", "--model", model, "--device", device, "--port",
-                                 str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        try:
-            up = ready(port, 60)
+        with Server("bnpipe serve", cmd, port, same_session=True, ready_path="/v2/health/ready"):
             serve_times.append(time.perf_counter() - t0)
-            proc.send_signal(signal.SIGTERM)
-            proc.wait(30)
-        finally:  # a server that did not stop in time is not left behind
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait(10)
-        if not up:
-            sys.exit("bnpipe serve did not become ready")
     return statistics.median(serve_times), statistics.median(predict_times)
 
 

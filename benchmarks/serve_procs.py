@@ -75,8 +75,9 @@ class Server:
     """A server process started in its own process group, stopped by its pid."""
 
     def __init__(self, name: str, cmd: list[str], port: int, env: dict[str, str] | None = None,
-                 same_session: bool = False) -> None:
+                 same_session: bool = False, ready_path: str = "/v2/models/bnpipe/ready") -> None:
         self.name, self.cmd, self.port, self.env, self.same_session = name, cmd, port, env, same_session
+        self.ready_path = ready_path  # by default the model's: Triton loads the model after its health is up
 
     def __enter__(self) -> Server:
         self.log = tempfile.TemporaryFile()
@@ -86,7 +87,7 @@ class Server:
         # same_session puts them in one group, where the cores are shared among all their threads.
         group = {"preexec_fn": os.setpgrp} if self.same_session else {"start_new_session": True}
         self.proc = subprocess.Popen(self.cmd, stdout=self.log, stderr=subprocess.STDOUT, env=self.env, **group)
-        if not ready(self.port, 120, "/v2/models/bnpipe/ready"):  # Triton loads the model after
+        if not ready(self.port, 120, self.ready_path):
             self.__exit__()
             self.log.seek(0)
             sys.exit(f"{self.name} did not become ready: {self.log.read().decode()[-2000:]}")
