@@ -12,7 +12,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from typing import IO
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 import numpy as np
@@ -78,12 +78,17 @@ def running(*args: str) -> Iterator[ServerProcess]:
     try:
         yield server
     except BaseException:
-        server.stop()  # the block's own failure is the one to report
-        server.close()
+        try:
+            with suppress(subprocess.TimeoutExpired):  # the block's own failure is the one to report
+                server.stop()
+        finally:
+            server.close()
         raise
-    status = server.stop()
-    err = server.stderr()
-    server.close()
+    try:
+        status = server.stop()
+        err = server.stderr()
+    finally:
+        server.close()
     assert status == 0 and "Traceback" not in err, err[-2000:]
 
 

@@ -116,7 +116,10 @@ def test_sigterm_finishes_the_requests_in_flight_and_exits_0(slow_model: Path) -
             assert np.array_equal(answers[i], expected[i:i + 1])
         assert "Traceback" not in server.stderr()
     finally:
-        server.stop(signal.SIGKILL)
+        try:
+            server.stop(signal.SIGKILL)
+        finally:
+            server.close()
 
 
 def test_model_repository_as_model(tmp_path: Path) -> None:
