@@ -70,7 +70,8 @@ def load_onnx(path: str | os.PathLike[str]) -> tuple[onnx.ModelProto, bool]:
     if model.ir_version == 0 or not model.HasField("graph") or not model.graph.node:
         raise BnpipeError(f"{path}: not an ONNX model (no IR version or no graph)")
     try:  # a node without its inputs would otherwise fail deep inside the fold
-        onnx.checker.check_model(str(p))  # by path: a model with external data may pass 2 GB
+        # The loaded model, not parsed again; by path where it has external data: it may pass 2 GB in memory.
+        onnx.checker.check_model(str(p) if external else model)
     except onnx.checker.ValidationError as exc:
         raise BnpipeError(f"{path}: not a valid ONNX model ({one_line(exc, 160)})") from None
     return model, external
