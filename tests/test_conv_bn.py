@@ -81,7 +81,7 @@ def test_the_hand_written_backward_is_autograds() -> None:
     d = 9
     p = torch.randn(4, d, 30, dtype=torch.float64)
     mean_p, cov_p = conv_bn.patch_moments(p)
-    shift = torch.randn(d, dtype=torch.float64)
+    shift = torch.randn(d, dtype=torch.float64).numpy()
     w, b, gamma, beta = (torch.randn(*s, dtype=torch.float64, requires_grad=True) for s in ((6, d), (6,), (6,), (6,)))
     assert torch.autograd.gradcheck(
         lambda *a: conv_bn._FoldBatchStats.apply(*a, mean_p, cov_p, shift, 1e-5)[:2], (w, b, gamma, beta))
@@ -95,8 +95,8 @@ def test_patch_moments_are_the_im2col_moments() -> None:
     torch.testing.assert_close(p, unfold, atol=0, rtol=0)
     rows = unfold.transpose(1, 2).reshape(-1, 18)
     mean, cov = conv_bn.patch_moments(p)
-    torch.testing.assert_close(mean, rows.mean(0))
-    torch.testing.assert_close(cov, torch.cov(rows.T, correction=0))
+    torch.testing.assert_close(torch.from_numpy(mean), rows.mean(0))
+    torch.testing.assert_close(torch.from_numpy(cov), torch.cov(rows.T, correction=0))
 
 
 def test_when_it_applies() -> None:

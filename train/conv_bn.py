@@ -17,6 +17,7 @@ is the data (``benchmarks/train_speed.py --breakdown`` times it against ``bn(con
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -29,7 +30,7 @@ _GLOBAL_HOOKS = ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_
                  "_global_backward_pre_hooks")
 
 
-def _hooked(*modules: nn.Module) -> bool:
+def hooked(*modules: nn.Module) -> bool:
     """Whether any module hook, global or on one of ``modules``, would expect the modules' own calls."""
     kinds = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
     return (any(getattr(nn.modules.module, name, None) for name in _GLOBAL_HOOKS)
@@ -63,7 +64,7 @@ def applies(conv: nn.Module, bn: nn.Module, x: object, container: nn.Module | No
             and conv.stride == (1, 1) and conv.dilation == (1, 1) and conv.groups == 1
             and conv.padding_mode == "zeros" and isinstance(conv.padding, tuple)
             and conv.in_channels * conv.kernel_size[0] * conv.kernel_size[1] <= MAX_PATCH
-            and not _hooked(conv, bn, *([container] if container is not None else [])))
+            and not hooked(conv, bn, *([container] if container is not None else [])))
 
 
 def patches(x: torch.Tensor, kernel: tuple[int, int], padding: tuple[int, int],
@@ -89,36 +90,95 @@ def patches(x: torch.Tensor, kernel: tuple[int, int], padding: tuple[int, int],
     return xp.as_strided((n, c, kh, kw, ho, wo), (sn, sc, sh, sw, sh, sw)).reshape(n, c * kh * kw, ho * wo), (ho, wo)
 
 
-def patch_moments(p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def patch_moments(p: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
     """The moments of the patches ``p`` [N, D, L] over N and L, in float64.
 
     Returns:
-        mean [D] and biased covariance [D, D].
+        mean [D] and biased covariance [D, D], as numpy arrays (see :func:`fold_batch_stats`).
     """
     count = p.shape[0] * p.shape[2]
     # Per image in float32 (sums of L products), over the batch in float64: summing the batch in float32
     # too made BN's output 2.7x further from a float64 reference than nn.BatchNorm2d's; this is as close.
-    mean = p.sum(2).double().sum(0) / count
-    second = torch.bmm(p, p.transpose(1, 2)).double().sum(0) / count  # [D, D]: E[p p^T]
-    return mean, second - torch.outer(mean, mean)
+    mean = p.sum(2).numpy().sum(0, dtype=np.float64) / count
+    second = torch.bmm(p, p.transpose(1, 2)).numpy().sum(0, dtype=np.float64) / count  # [D, D]: E[p p^T]
+    return mean, second - np.outer(mean, mean)
 
 
-class _FoldBatchStats(torch.autograd.Function):
-    """The conv weight and bias that give BN's training output, and their backward, in float64.
+def fold_batch_stats(w: torch.Tensor, b: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, mean_p: np.ndarray,
+                     cov_p: np.ndarray, shift: np.ndarray, eps: float
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, tuple[np.ndarray, ...]]:
+    """The conv weight and bias that give BN's training output, computed in float64.
 
-    Autograd would record some 20 ops on vectors of 6 to 54 numbers, forward and backward, each costing
-    more than its arithmetic: this does the same math in a few untracked ones. With ``r = 1/sqrt(var + eps)``
-    and ``s = gamma * r``, for patches shifted by ``k`` (their mean ``m`` is of the unshifted ones)::
+    With ``r = 1/sqrt(var + eps)`` and ``s = gamma * r``, for patches shifted by ``k`` (their mean ``m``
+    is of the unshifted ones)::
 
         mean = w m + b,  var = w^T S w,  w' = w s,  b' = beta + (b - mean) s + w' k
 
-    and the backward of these, for incoming gradients ``g_w'`` [C_out, D] and ``g_b'`` [C_out]::
+    The math is in numpy: on a few dozen numbers an op costs about 1 us there and 5 to 10 us in torch,
+    and a training step runs some 40 of them, forward and backward.
+
+    Args:
+        w: The conv weight [C_out, D], flattened.
+        b: The conv bias [C_out] (zeros for none).
+        gamma: BN's weight [C_out].
+        beta: BN's bias [C_out].
+        mean_p: The patch mean [D].
+        cov_p: The patch covariance [D, D].
+        shift: What each patch row was shifted by [D].
+        eps: BN's eps.
+
+    Returns:
+        w' [C_out, D] and b' [C_out] in ``w``'s dtype; the batch mean and biased variance [C_out] in
+        float64; and what :func:`fold_batch_stats_backward` takes.
+    """
+    w_np = w.detach().numpy()
+    w64, b64, g64, beta64 = (t.detach().numpy().astype(np.float64) for t in (w, b, gamma, beta))
+    mean = w64 @ mean_p + b64
+    sw = w64 @ cov_p  # [C_out, D]: S w, per output channel (S is symmetric)
+    var = np.maximum((sw * w64).sum(1), 0)  # biased, as BN normalizes with
+    r = 1 / np.sqrt(var + eps)
+    scale = g64 * r
+    weight = w64 * scale[:, None]
+    bias = beta64 + (b64 - mean) * scale + weight @ shift
+    return (torch.from_numpy(weight.astype(w_np.dtype)), torch.from_numpy(bias.astype(w_np.dtype)),
+            torch.from_numpy(mean), torch.from_numpy(var), (w64, b64, mean, sw, r, scale, mean_p, shift))
+
+
+def fold_batch_stats_backward(saved: tuple[np.ndarray, ...], g_weight: torch.Tensor, g_bias: torch.Tensor,
+                              dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The backward of :func:`fold_batch_stats`, in float64, for incoming gradients of ``w'`` and ``b'``.
+
+    ::
 
         g_s = sum_d((g_w' + g_b' k^T) w) + g_b' (b - mean),  g_gamma = g_s r,  g_beta = g_b'
         g_var = -g_s s r^2 / 2,  g_w = (g_w' + g_b' k^T) s - g_b' s m^T + 2 g_var (S w)
         g_b = g_b' s - g_b' s = 0
 
-    (``tests/test_conv_bn.py`` checks it against autograd with ``torch.autograd.gradcheck``.)
+    Args:
+        saved: What :func:`fold_batch_stats` returned for it.
+        g_weight: The gradient of ``w'`` [C_out, D].
+        g_bias: The gradient of ``b'`` [C_out].
+        dtype: The parameters' dtype, which the gradients take.
+
+    Returns:
+        The gradients of ``w``, ``b``, ``gamma`` and ``beta``.
+    """
+    w64, b64, mean, sw, r, scale, mean_p, shift = saved
+    g_b = g_bias.numpy().astype(np.float64)
+    g_weight64 = g_weight.numpy() + np.outer(g_b, shift)  # float64: w' also reaches b' through the shift
+    g_scale = (g_weight64 * w64).sum(1) + g_b * (b64 - mean)
+    g_var = g_scale * scale * r * r * -0.5
+    g_w = g_weight64 * scale[:, None] - np.outer(g_b * scale, mean_p) + 2 * g_var[:, None] * sw
+    return (torch.from_numpy(g_w).to(dtype), torch.zeros(len(b64), dtype=dtype), torch.from_numpy(g_scale * r).to(dtype),
+            g_bias.to(dtype))
+
+
+class _FoldBatchStats(torch.autograd.Function):
+    """:func:`fold_batch_stats` with its hand-derived backward.
+
+    Autograd would record some 20 ops on vectors of 6 to 54 numbers, forward and backward, each costing
+    more than its arithmetic: this does the same math in a few untracked ones (``tests/test_conv_bn.py``
+    checks it against autograd with ``torch.autograd.gradcheck``).
     """
 
     @staticmethod
@@ -126,35 +186,21 @@ class _FoldBatchStats(torch.autograd.Function):
                 b: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, mean_p: torch.Tensor,
                 cov_p: torch.Tensor, shift: torch.Tensor, eps: float
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        w64, b64 = w.double(), b.double()
-        mean = torch.addmv(b64, w64, mean_p)
-        sw = w64 @ cov_p  # [C_out, D]: S w, per output channel (S is symmetric)
-        var = (sw * w64).sum(1).clamp_min_(0)  # biased, as BN normalizes with
-        r = (var + eps).rsqrt_()
-        scale = gamma.double() * r
-        weight = w64 * scale[:, None]
-        bias = beta.double() + (b64 - mean) * scale + weight @ shift
-        ctx.save_for_backward(w64, b64, mean, sw, r, scale, mean_p, shift)
+        weight, bias, mean, var, saved = fold_batch_stats(w, b, gamma, beta, mean_p, cov_p, shift, eps)
+        ctx.folded = saved  # type: ignore[attr-defined]  # numpy arrays, which autograd does not track
         ctx.mark_non_differentiable(mean, var)
         ctx.dtype = w.dtype  # type: ignore[attr-defined]
-        return weight.to(w.dtype), bias.to(w.dtype), mean, var
+        return weight, bias, mean, var
 
     @staticmethod
     @once_differentiable
     def backward(ctx: torch.autograd.function.FunctionCtx, g_weight: torch.Tensor,  # type: ignore[override]
                  g_bias: torch.Tensor, _g_mean: torch.Tensor, _g_var: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        w64, b64, mean, sw, r, scale, mean_p, shift = ctx.saved_tensors  # type: ignore[attr-defined]
-        g_bias = g_bias.double()
-        g_weight = g_weight.double() + torch.outer(g_bias, shift)  # w' also reaches b' through the shift
-        g_scale = (g_weight * w64).sum(1) + g_bias * (b64 - mean)
-        g_var = g_scale * scale * r * r * -0.5
-        g_w = g_weight * scale[:, None] - torch.outer(g_bias * scale, mean_p) + 2 * g_var[:, None] * sw
-        dtype = ctx.dtype  # type: ignore[attr-defined]
-        return (g_w.to(dtype), torch.zeros_like(b64, dtype=dtype), (g_scale * r).to(dtype), g_bias.to(dtype),
-                None, None, None, None)
+        grads = fold_batch_stats_backward(ctx.folded, g_weight, g_bias, ctx.dtype)  # type: ignore[attr-defined]
+        return (*grads, None, None, None, None)
 
 
-def _shift(mean_p: torch.Tensor, cov_p: torch.Tensor, channels: int) -> torch.Tensor | None:
+def _shift(mean_p: np.ndarray, cov_p: np.ndarray, channels: int) -> torch.Tensor | None:
     """Per channel [C]: what to subtract from the input for patch moments that keep their precision.
 
     E[p p^T] - m m^T cancels in float32 when the input sits far from zero: for 100 + 0.01 N(0, 1)
@@ -173,12 +219,46 @@ def _shift(mean_p: torch.Tensor, cov_p: torch.Tensor, channels: int) -> torch.Te
     Returns:
         [C] float32, or None.
     """
-    var = cov_p.diagonal().clamp_min(0)
-    if bool((mean_p * mean_p <= 100 * var).all()):
+    var = np.maximum(cov_p.diagonal(), 0)
+    if (mean_p * mean_p <= 100 * var).all():
         return None
-    mean, std = mean_p.view(channels, -1).mean(1), var.view(channels, -1).mean(1).sqrt()
-    step = torch.exp2(torch.floor(torch.log2(std.clamp_min(1e-30))))  # a rough std is enough: 0, the mean
-    return (torch.round(mean / step) * step).float()
+    mean, std = mean_p.reshape(channels, -1).mean(1), np.sqrt(var.reshape(channels, -1).mean(1))
+    step = np.exp2(np.floor(np.log2(np.maximum(std, 1e-30))))  # a rough std is enough: 0, the mean
+    return torch.from_numpy(np.round(mean / step) * step).float()
+
+
+def batch_patches(x: torch.Tensor, conv: nn.Conv2d
+                  ) -> tuple[torch.Tensor, tuple[int, int], np.ndarray, np.ndarray, np.ndarray]:
+    """The patches of ``x`` for ``conv`` and their moments, shifted where the input sits far from zero.
+
+    Returns:
+        The patches [N, D, Ho * Wo], (Ho, Wo), their mean [D] and covariance [D, D] in float64, and
+        the shift [D] subtracted from each patch row (zeros for none; see :func:`_shift`).
+
+    Raises:
+        ValueError: One value per channel, as ``nn.BatchNorm2d`` refuses in training.
+    """
+    kernel, padding = conv.kernel_size, conv.padding
+    with torch.no_grad():
+        p, (ho, wo) = patches(x, kernel, padding)  # type: ignore[arg-type]
+        if x.shape[0] * ho * wo <= 1:
+            raise ValueError(f"Expected more than 1 value per channel when training, got input size {tuple(x.shape)}")
+        mean_p, cov_p = patch_moments(p)
+        shift_p = np.zeros_like(mean_p)  # [D]: each patch row's shift
+        shift = _shift(mean_p, cov_p, x.shape[1])
+        if shift is not None:  # a second pass, for inputs far from zero
+            p, _ = patches(x, kernel, padding, shift)  # type: ignore[arg-type]
+            mean_p, cov_p = patch_moments(p)
+            shift_p += shift.double().numpy().repeat(kernel[0] * kernel[1])
+            mean_p += shift_p
+    return p, (ho, wo), mean_p, cov_p, shift_p
+
+
+def record_batch(bn: nn.BatchNorm2d, mean: torch.Tensor, var: torch.Tensor, count: int) -> None:
+    """Count the batch and update ``bn``'s running statistics with its mean and biased variance, as BN does."""
+    bn.num_batches_tracked.add_(1)  # type: ignore[union-attr]
+    update_moving_stats(bn.running_mean, bn.running_var, mean, var, count,  # type: ignore[arg-type]
+                        batch_momentum(bn.momentum, bn.num_batches_tracked))  # type: ignore[arg-type]
 
 
 def conv_bn_train(x: torch.Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d) -> torch.Tensor:
@@ -198,25 +278,11 @@ def conv_bn_train(x: torch.Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d) -> torch
     Raises:
         ValueError: One value per channel, as ``nn.BatchNorm2d`` refuses in training.
     """
-    n, kernel, padding = x.shape[0], conv.kernel_size, conv.padding
-    with torch.no_grad():
-        p, (ho, wo) = patches(x, kernel, padding)  # type: ignore[arg-type]
-        count = n * ho * wo
-        if count <= 1:
-            raise ValueError(f"Expected more than 1 value per channel when training, got input size {tuple(x.shape)}")
-        mean_p, cov_p = patch_moments(p)
-        shift_p = torch.zeros_like(mean_p)  # [D]: each patch row's shift
-        shift = _shift(mean_p, cov_p, x.shape[1])
-        if shift is not None:  # a second pass, for inputs far from zero
-            p, _ = patches(x, kernel, padding, shift)  # type: ignore[arg-type]
-            mean_p, cov_p = patch_moments(p)
-            shift_p += shift.double().repeat_interleave(kernel[0] * kernel[1])
-            mean_p += shift_p
+    n = x.shape[0]
+    p, (ho, wo), mean_p, cov_p, shift_p = batch_patches(x, conv)
     w = conv.weight.flatten(1)  # [C_out, D]
     b = conv.bias if conv.bias is not None else w.new_zeros(w.shape[0])
     weight, bias, mean, var = _FoldBatchStats.apply(w, b, bn.weight, bn.bias, mean_p, cov_p, shift_p, bn.eps)
-    bn.num_batches_tracked.add_(1)  # type: ignore[union-attr]
-    update_moving_stats(bn.running_mean, bn.running_var, mean, var, count,  # type: ignore[arg-type]
-                        batch_momentum(bn.momentum, bn.num_batches_tracked))  # type: ignore[arg-type]
+    record_batch(bn, mean, var, n * ho * wo)
     out = torch.baddbmm(bias.view(1, -1, 1), weight.expand(n, -1, -1), p)  # [N, C_out, Ho * Wo]
     return out.view(n, -1, ho, wo)

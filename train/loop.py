@@ -26,6 +26,7 @@ from bnpipe.train.model import build_model, default_arch
 from bnpipe.train.precise_bn import recompute_bn_stats
 from bnpipe.train.preprocess import Normalization
 from bnpipe.train.recipe import make_scheduler, resolve_device
+from bnpipe.train import step
 from bnpipe.train.resume import kill_hook, load_resume, restart_checkpoint, resume_state
 from bnpipe.train.syncbn import arch_bn_for, to_sync_bn
 
@@ -50,7 +51,9 @@ def train_one_epoch(
     share of the global batch's mean, times the number of ranks, so that DDP's gradient average
     is the gradient of the global batch's mean loss even when the slices differ in size. Loss and
     correct counts stay on the device and are read once at the end (and every ``NAN_CHECK_EVERY``
-    batches to stop early on a non-finite loss); ``after_step(i)`` runs after step ``i``.
+    batches to stop early on a non-finite loss); ``after_step(i)`` runs after step ``i``. Where it
+    gives autograd's gradients (the default net on the CPU, one process), a step's backward is
+    `bnpipe.train.step`'s, written out.
 
     Returns:
         Mean training loss and accuracy over the epoch, over all ranks.
@@ -63,13 +66,17 @@ def train_one_epoch(
     correct = torch.zeros((), dtype=torch.long, device=inputs.device)
     seen = 0
     batches = local_batches(order.to(inputs.device), batch_size, world)
+    fast = step.applies(model, inputs[:2])  # the hand-written backward, where it gives autograd's gradients
     total = batch_count(order.shape[0], batch_size, world)
     for i, (idx, global_count) in enumerate(tqdm(batches, desc="train", total=total, leave=False, disable=not progress)):
         x, y = inputs.index_select(0, idx), labels.index_select(0, idx)
-        logits = model(x)
-        summed = F.cross_entropy(logits, y, reduction="sum")
-        optimizer.zero_grad(set_to_none=True)
-        (summed * (world.size / global_count)).backward()
+        if fast:
+            summed, logits = step.forward_backward(model, x, y, world.size / global_count)  # type: ignore[arg-type]
+        else:
+            logits = model(x)
+            summed = F.cross_entropy(logits, y, reduction="sum")
+            optimizer.zero_grad(set_to_none=True)
+            (summed * (world.size / global_count)).backward()
         optimizer.step()
         scheduler.step()
         loss_sum += summed.detach()

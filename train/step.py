@@ -1,0 +1,115 @@
+"""A CPU training step of the net with its backward written out: autograd's gradients, without its graph.
+
+At batch 64 a step of this small net spends about a third of its time outside the arithmetic: on
+autograd recording and replaying some 60 nodes, on views, and on dispatching ops of a few hundred
+numbers (``benchmarks/train_speed.py --breakdown``, "step of 2 images"). Here the backward of each
+layer is the aten op that autograd's own node would call (``convolution_backward``,
+``native_batch_norm_backward``, ``threshold_backward``, the loss's), or the same function as the
+layer's autograd Function (the first conv + BN, the pools), called in the same order. So the gradients, the running statistics and the loss are the
+autograd path's (``tests/test_step.py`` compares them). It takes the default net only, in one
+process; anything else (DDP, whose gradient hooks ride on autograd, other BN kinds, hooks, frozen
+parameters, eval, another dtype) takes ``model(x)`` and ``backward()``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bnpipe.train import conv_bn
+from bnpipe.train.batchnorm import batch_momentum
+from bnpipe.train.maxpool import MaxPool2x2, pool_2x2, unpool_2x2
+from bnpipe.train.model import BNConvNet
+
+aten = torch.ops.aten
+_LAYERS = (nn.Conv2d, nn.BatchNorm2d, MaxPool2x2, nn.ReLU, nn.Conv2d, nn.BatchNorm2d, MaxPool2x2, nn.ReLU)
+
+
+def applies(model: nn.Module, x: torch.Tensor) -> bool:
+    """Whether :func:`forward_backward` gives ``model``'s training step on a batch like ``x``.
+
+    Args:
+        model: The net being trained.
+        x: A batch of normalized images [N, 1, 28, 28].
+
+    Returns:
+        True for a bare :class:`BNConvNet` with ``nn.BatchNorm2d`` in training mode, float32 on the CPU,
+        every parameter trained, no hooks anywhere, where the first conv + BN may be fused.
+    """
+    if type(model) is not BNConvNet or tuple(type(m) for m in model.features) != _LAYERS \
+            or type(model.classifier) is not nn.Linear or model.classifier.bias is None:
+        return False
+    bn2 = model.features[5]
+    params = list(model.parameters())
+    return (model.training and bn2.training and bn2.affine and bn2.track_running_stats
+            and all(p.requires_grad and p.dtype == torch.float32 and p.device.type == "cpu" for p in params)
+            and model.features[4].padding_mode == "zeros" and isinstance(model.features[4].padding, tuple)
+            and x.shape[-2:] == (28, 28)  # the classifier's size, and even sides for the 2x2 pools
+            and not conv_bn.hooked(model, *model.modules())
+            and conv_bn.applies(model.features[0], model.features[1], x))
+
+
+@torch.no_grad()
+def forward_backward(model: BNConvNet, x: torch.Tensor, y: torch.Tensor,
+                     loss_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The forward pass, summed cross-entropy and backward of ``model`` on one batch; see :func:`applies`.
+
+    Sets each parameter's ``.grad`` to the gradient of ``loss_scale * loss`` (as ``zero_grad(set_to_none=True)``
+    then ``backward()`` would) and updates the BN running statistics as the training forward does.
+
+    Args:
+        model: The net, for which :func:`applies` holds.
+        x: Normalized images [N, 1, 28, 28].
+        y: Labels [N].
+        loss_scale: The weight of the summed loss in the gradient (1 / N for the batch mean).
+
+    Returns:
+        The summed loss (a scalar) and the logits [N, classes], both without a graph.
+    """
+    conv1, bn1, _, _, conv2, bn2, _, _ = model.features
+    fc, n = model.classifier, x.shape[0]
+    # The first conv + BN: one matmul over the patches with the weight and bias folded with the batch's statistics.
+    p, (ho, wo), mean_p, cov_p, shift_p = conv_bn.batch_patches(x, conv1)
+    w1 = conv1.weight.flatten(1)  # [6, 9]
+    b1 = conv1.bias if conv1.bias is not None else w1.new_zeros(w1.shape[0])
+    weight, bias, mean, var, folded = conv_bn.fold_batch_stats(w1, b1, bn1.weight, bn1.bias, mean_p, cov_p,
+                                                               shift_p, bn1.eps)
+    conv_bn.record_batch(bn1, mean, var, n * ho * wo)
+    a1 = torch.baddbmm(bias.view(1, -1, 1), weight.expand(n, -1, -1), p).view(n, -1, ho, wo)  # [N, 6, 28, 28]
+    h1, *pool1 = pool_2x2(a1, masks=True)
+    h1.relu_()  # [N, 6, 14, 14]; its own mask for the ReLU's backward, as autograd keeps the result
+    a2 = F.conv2d(h1, conv2.weight, conv2.bias, conv2.stride, conv2.padding, conv2.dilation, conv2.groups)
+    bn2.num_batches_tracked.add_(1)  # type: ignore[union-attr]
+    z2, saved_mean, saved_invstd = torch.native_batch_norm(  # [N, 16, 10, 10], running statistics updated
+        a2, bn2.weight, bn2.bias, bn2.running_mean, bn2.running_var, True,
+        batch_momentum(bn2.momentum, bn2.num_batches_tracked), bn2.eps)  # type: ignore[arg-type]
+    h2, *pool2 = pool_2x2(z2, masks=True)
+    h2.relu_()  # [N, 16, 5, 5]
+    features = h2.view(n, -1)
+    logits = torch.addmm(fc.bias, features, fc.weight.t())  # [N, 10]
+    log_probs = torch.log_softmax(logits, 1)
+    summed = F.nll_loss(log_probs, y, reduction="sum")
+
+    # Backward, layer by layer from the loss.
+    g = aten.nll_loss_backward(summed.new_tensor(loss_scale), log_probs, y, None, 2, -100, summed)  # 2: sum
+    g = aten._log_softmax_backward_data(g, log_probs, 1, log_probs.dtype)  # [N, 10]
+    fc.weight.grad, fc.bias.grad = g.t().mm(features), g.sum(0)
+    g = unpool_2x2(aten.threshold_backward(g.mm(fc.weight).view_as(h2), h2, 0), *pool2)  # [N, 16, 10, 10]
+    g, bn2.weight.grad, bn2.bias.grad = aten.native_batch_norm_backward(
+        g, a2, bn2.weight, bn2.running_mean, bn2.running_var, saved_mean, saved_invstd, True, bn2.eps,
+        [True, True, True])
+    g, conv2.weight.grad, b2_grad = aten.convolution_backward(
+        g, h1, conv2.weight, None if conv2.bias is None else [conv2.bias.shape[0]], conv2.stride,
+        conv2.padding, conv2.dilation, False, [0, 0], conv2.groups, [True, True, conv2.bias is not None])
+    if conv2.bias is not None:
+        conv2.bias.grad = b2_grad
+    g = unpool_2x2(aten.threshold_backward(g, h1, 0), *pool1).view(n, weight.shape[0], -1)  # [N, 6, 784]
+    # The folded conv's backward, as autograd's for baddbmm of the expanded weight, then the fold's.
+    grads = conv_bn.fold_batch_stats_backward(folded, torch.bmm(g, p.transpose(1, 2)).sum(0), g.sum((0, 2)),
+                                              w1.dtype)
+    conv1.weight.grad = grads[0].view_as(conv1.weight)
+    if conv1.bias is not None:
+        conv1.bias.grad = grads[1]
+    bn1.weight.grad, bn1.bias.grad = grads[2], grads[3]
+    return summed, logits
