@@ -99,6 +99,15 @@ def test_patch_moments_are_the_im2col_moments() -> None:
     torch.testing.assert_close(torch.from_numpy(cov), torch.cov(rows.T, correction=0))
 
 
+def test_patches_by_window_are_the_im2col_columns_reordered() -> None:
+    x = torch.randn(2, 2, 6, 8)
+    p, spatial = conv_bn.patches(x, (3, 3), (1, 1), windows=True)
+    assert spatial == (6, 8)
+    # column (y, x) of torch's im2col goes to (y % 2, x % 2, y // 2, x // 2)
+    unfold = F.unfold(x, 3, padding=1).view(2, 18, 3, 2, 4, 2).permute(0, 1, 3, 5, 2, 4).reshape(2, 18, 48)
+    torch.testing.assert_close(p, unfold, atol=0, rtol=0)
+
+
 def test_when_it_applies() -> None:
     conv, bn = _pair()
     x = _digits(4)

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bnpipe.train.maxpool import MaxPool2x2, max_pool_2x2
+from bnpipe.train.maxpool import MaxPool2x2, max_pool_2x2, pool_windows, unpool_windows
 
 
 def _tied(shape: tuple[int, ...], dtype: torch.dtype, seed: int = 0) -> torch.Tensor:
@@ -53,3 +53,21 @@ def test_second_derivative_is_refused_not_wrong() -> None:
     (g,) = torch.autograd.grad(max_pool_2x2(x).square().sum(), x, create_graph=True)
     with pytest.raises(RuntimeError):
         g.sum().backward()
+
+
+def _by_window(x: torch.Tensor) -> torch.Tensor:
+    """[N, C, H, W] -> [N, C, 4, H/2 * W/2]: the layout of ``conv_bn.patches(windows=True)``'s conv output."""
+    n, c, h, w = x.shape
+    return x.view(n, c, h // 2, 2, w // 2, 2).permute(0, 1, 3, 5, 2, 4).reshape(n, c, 4, h * w // 4)
+
+
+@pytest.mark.parametrize("shape", [(4, 3, 8, 6), (64, 6, 28, 28)])
+def test_pooling_by_window_matches_max_pool2d(shape: tuple[int, ...]) -> None:
+    x = _tied(shape, torch.float32)
+    b = x.clone().requires_grad_()
+    ref = F.max_pool2d(b, 2)
+    grad = torch.randn_like(ref)
+    ref.backward(grad)
+    pooled, masks = pool_windows(_by_window(x))
+    assert torch.equal(pooled, ref.detach().flatten(2))
+    assert torch.equal(unpool_windows(grad.flatten(2), masks), _by_window(b.grad))  # ties: max_pool2d's pick

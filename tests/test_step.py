@@ -61,10 +61,12 @@ def test_a_step_gives_autograds_loss_gradients_and_statistics(momentum: float | 
         got = step.forward_backward(net, x, y, 1 / 24)
         for w, g in zip(want, got):
             torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-6)
+        # Float32 sums in another order (the first conv's positions go by pooling window): within 1e-6 of
+        # the largest gradient. A conv bias before BN gets 0 give or take 1e-8 either way.
+        scale = max(p.grad.abs().max().item() for p in reference.parameters())  # type: ignore[union-attr]
         for (name, p), q in zip(reference.named_parameters(), net.parameters()):
             assert q.grad is not None, name
-            torch.testing.assert_close(q.grad, p.grad, rtol=1e-5, atol=1e-6 * p.grad.abs().max().item(),
-                                       msg=lambda m: f"{name}.grad: {m}")
+            torch.testing.assert_close(q.grad, p.grad, rtol=1e-5, atol=1e-6 * scale, msg=lambda m: f"{name}.grad: {m}")
         _assert_same_state(reference, net)
 
 

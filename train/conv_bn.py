@@ -68,7 +68,7 @@ def applies(conv: nn.Module, bn: nn.Module, x: object, container: nn.Module | No
 
 
 def patches(x: torch.Tensor, kernel: tuple[int, int], padding: tuple[int, int],
-            shift: torch.Tensor | None = None) -> tuple[torch.Tensor, tuple[int, int]]:
+            shift: torch.Tensor | None = None, windows: bool = False) -> tuple[torch.Tensor, tuple[int, int]]:
     """The im2col of [N, C, H, W] ``x`` for a stride-1 conv with zero padding.
 
     Args:
@@ -76,6 +76,9 @@ def patches(x: torch.Tensor, kernel: tuple[int, int], padding: tuple[int, int],
         kernel: (kh, kw).
         padding: (ph, pw), zeros on each side.
         shift: Subtracted per channel [C] from the padded input, zeros included (see :func:`conv_bn_train`).
+        windows: Order the output positions by 2x2 window, for a max pool over the conv's output:
+            (dy, dx, y // 2, x // 2) for output (y, x), so that the 4 values of each window lie in
+            4 contiguous blocks (see `bnpipe.train.maxpool.pool_windows`). Ho and Wo must be even.
 
     Returns:
         The patches [N, C * kh * kw, Ho * Wo], rows channel-major as the conv weight flattens, and (Ho, Wo).
@@ -87,7 +90,10 @@ def patches(x: torch.Tensor, kernel: tuple[int, int], padding: tuple[int, int],
     ho, wo = h - kh + 1, w - kw + 1
     sn, sc, sh, sw = xp.stride()
     # [N, C, kh, kw, Ho, Wo]: patch value (c, i, j) at output (y, x) is xp[n, c, y + i, x + j]
-    return xp.as_strided((n, c, kh, kw, ho, wo), (sn, sc, sh, sw, sh, sw)).reshape(n, c * kh * kw, ho * wo), (ho, wo)
+    size, stride = (n, c, kh, kw, ho, wo), (sn, sc, sh, sw, sh, sw)
+    if windows:  # [N, C, kh, kw, 2, 2, Ho/2, Wo/2]: y = 2 * (y // 2) + dy, and x alike
+        size, stride = (n, c, kh, kw, 2, 2, ho // 2, wo // 2), (sn, sc, sh, sw, sh, sw, 2 * sh, 2 * sw)
+    return xp.as_strided(size, stride).reshape(n, c * kh * kw, ho * wo), (ho, wo)
 
 
 def patch_moments(p: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
@@ -227,9 +233,11 @@ def _shift(mean_p: np.ndarray, cov_p: np.ndarray, channels: int) -> torch.Tensor
     return torch.from_numpy(np.round(mean / step) * step).float()
 
 
-def batch_patches(x: torch.Tensor, conv: nn.Conv2d
+def batch_patches(x: torch.Tensor, conv: nn.Conv2d, windows: bool = False
                   ) -> tuple[torch.Tensor, tuple[int, int], np.ndarray, np.ndarray, np.ndarray]:
     """The patches of ``x`` for ``conv`` and their moments, shifted where the input sits far from zero.
+
+    ``windows`` orders the patches by 2x2 window, as :func:`patches` does.
 
     Returns:
         The patches [N, D, Ho * Wo], (Ho, Wo), their mean [D] and covariance [D, D] in float64, and
@@ -240,14 +248,14 @@ def batch_patches(x: torch.Tensor, conv: nn.Conv2d
     """
     kernel, padding = conv.kernel_size, conv.padding
     with torch.no_grad():
-        p, (ho, wo) = patches(x, kernel, padding)  # type: ignore[arg-type]
+        p, (ho, wo) = patches(x, kernel, padding, windows=windows)  # type: ignore[arg-type]
         if x.shape[0] * ho * wo <= 1:
             raise ValueError(f"Expected more than 1 value per channel when training, got input size {tuple(x.shape)}")
         mean_p, cov_p = patch_moments(p)
         shift_p = np.zeros_like(mean_p)  # [D]: each patch row's shift
         shift = _shift(mean_p, cov_p, x.shape[1])
         if shift is not None:  # a second pass, for inputs far from zero
-            p, _ = patches(x, kernel, padding, shift)  # type: ignore[arg-type]
+            p, _ = patches(x, kernel, padding, shift, windows)  # type: ignore[arg-type]
             mean_p, cov_p = patch_moments(p)
             shift_p += shift.double().numpy().repeat(kernel[0] * kernel[1])
             mean_p += shift_p

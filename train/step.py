@@ -1,14 +1,16 @@
 """A CPU training step of the net with its backward written out: autograd's gradients, without its graph.
 
-At batch 64 a step of this small net spends about a third of its time outside the arithmetic: on
-autograd recording and replaying some 60 nodes, on views, and on dispatching ops of a few hundred
-numbers (``benchmarks/train_speed.py --breakdown``, "step of 2 images"). Here the backward of each
-layer is the aten op that autograd's own node would call (``convolution_backward``,
-``native_batch_norm_backward``, ``threshold_backward``, the loss's), or the same function as the
-layer's autograd Function (the first conv + BN, the pools), called in the same order. So the gradients, the running statistics and the loss are the
-autograd path's (``tests/test_step.py`` compares them). It takes the default net only, in one
-process; anything else (DDP, whose gradient hooks ride on autograd, other BN kinds, hooks, frozen
-parameters, eval, another dtype) takes ``model(x)`` and ``backward()``.
+At batch 64 a step of this small net spent a third of its time outside the arithmetic: recording
+and replaying some 60 autograd nodes, views, and ops on a few hundred numbers (``benchmarks/
+train_speed.py --breakdown``, "step of 2 images"). Here each layer's backward is the aten op that
+autograd's own node calls (``convolution_backward``, ``native_batch_norm_backward``,
+``threshold_backward``, the loss's), or the function behind the layer's autograd Function (the
+first conv + BN, the second pool). One thing differs from the modules' forward: the first conv's
+output positions are ordered by pooling window, so that the first pool runs on contiguous blocks
+(`bnpipe.train.maxpool.pool_windows`). The loss, the gradients and the running statistics are the
+autograd path's up to float32 rounding (``tests/test_step.py`` compares them). It takes the default
+net in one process; anything else (DDP, whose gradient hooks ride on autograd, other BN kinds,
+hooks, frozen parameters, eval, another dtype) takes ``model(x)`` and ``backward()``.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from torch import nn
 
 from bnpipe.train import conv_bn
 from bnpipe.train.batchnorm import batch_momentum
-from bnpipe.train.maxpool import MaxPool2x2, pool_2x2, unpool_2x2
+from bnpipe.train.maxpool import MaxPool2x2, pool_2x2, pool_windows, unpool_2x2, unpool_windows
 from bnpipe.train.model import BNConvNet
 
 aten = torch.ops.aten
@@ -70,15 +72,18 @@ def forward_backward(model: BNConvNet, x: torch.Tensor, y: torch.Tensor,
     conv1, bn1, _, _, conv2, bn2, _, _ = model.features
     fc, n = model.classifier, x.shape[0]
     # The first conv + BN: one matmul over the patches with the weight and bias folded with the batch's statistics.
-    p, (ho, wo), mean_p, cov_p, shift_p = conv_bn.batch_patches(x, conv1)
+    # Its output positions are ordered by pooling window, which the first pool takes as they are: the
+    # layout never needs undoing, as the gradient of that output only meets the same patches again.
+    p, (ho, wo), mean_p, cov_p, shift_p = conv_bn.batch_patches(x, conv1, windows=True)
     w1 = conv1.weight.flatten(1)  # [6, 9]
     b1 = conv1.bias if conv1.bias is not None else w1.new_zeros(w1.shape[0])
     weight, bias, mean, var, folded = conv_bn.fold_batch_stats(w1, b1, bn1.weight, bn1.bias, mean_p, cov_p,
                                                                shift_p, bn1.eps)
     conv_bn.record_batch(bn1, mean, var, n * ho * wo)
-    a1 = torch.baddbmm(bias.view(1, -1, 1), weight.expand(n, -1, -1), p).view(n, -1, ho, wo)  # [N, 6, 28, 28]
-    h1, *pool1 = pool_2x2(a1, masks=True)
-    h1.relu_()  # [N, 6, 14, 14]; its own mask for the ReLU's backward, as autograd keeps the result
+    c1 = weight.shape[0]
+    a1 = torch.baddbmm(bias.view(1, -1, 1), weight.expand(n, -1, -1), p).view(n, c1, 4, -1)  # [N, 6, 4, 196]
+    h1, pool1 = pool_windows(a1)
+    h1 = h1.view(n, c1, ho // 2, wo // 2).relu_()  # [N, 6, 14, 14]; the result is the ReLU's mask, as in autograd
     a2 = F.conv2d(h1, conv2.weight, conv2.bias, conv2.stride, conv2.padding, conv2.dilation, conv2.groups)
     bn2.num_batches_tracked.add_(1)  # type: ignore[union-attr]
     z2, saved_mean, saved_invstd = torch.native_batch_norm(  # [N, 16, 10, 10], running statistics updated
@@ -104,7 +109,7 @@ def forward_backward(model: BNConvNet, x: torch.Tensor, y: torch.Tensor,
         conv2.padding, conv2.dilation, False, [0, 0], conv2.groups, [True, True, conv2.bias is not None])
     if conv2.bias is not None:
         conv2.bias.grad = b2_grad
-    g = unpool_2x2(aten.threshold_backward(g, h1, 0), *pool1).view(n, weight.shape[0], -1)  # [N, 6, 784]
+    g = unpool_windows(aten.threshold_backward(g, h1, 0).view(n, c1, -1), pool1).view(n, c1, -1)  # [N, 6, 784]
     # The folded conv's backward, as autograd's for baddbmm of the expanded weight, then the fold's.
     grads = conv_bn.fold_batch_stats_backward(folded, torch.bmm(g, p.transpose(1, 2)).sum(0), g.sum((0, 2)),
                                               w1.dtype)
