@@ -20,8 +20,9 @@ the median over rounds.
 Targets: the fastest way at most 0.5x the baseline's seconds per epoch, and (with --epochs 5 and
 no --limit-train) at least 99.0% test accuracy after 5 epochs, for that way and for --bn sync.
 --breakdown first times where a single-process step goes (forward, backward, optimizer, input,
-threads, the fixed cost of a step (one of 2 images), the fused first conv + BN against the stock
-modules, channels_last, evaluation, and glibc's allocator settings).
+threads, the fixed cost of a step (one of 2 images), the step with its backward written out
+(`bnpipe.train.step`, as `bnpipe train` runs it) against autograd's, the fused first conv + BN
+against the stock modules, channels_last, evaluation, and glibc's allocator settings).
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ from torch.utils.data import DataLoader, Subset
 from torchvision.datasets import MNIST
 
 from bnpipe.datadir import resolve_data_root
+from bnpipe.train import step as train_step
 from bnpipe.train.config import TrainConfig
 from bnpipe.train.data import load_mnist
 from bnpipe.train.loop import evaluate
@@ -156,7 +158,7 @@ def breakdown(root: Path, cfg: TrainConfig) -> None:
     for threads in (2, 1):
         torch.set_num_threads(threads)
         row = {}
-        for name, kw, layout in (("step", {"fused": True}, torch.contiguous_format), ("step, SGD not fused", {}, None),
+        for name, kw, layout in (("step, autograd", {"fused": True}, torch.contiguous_format), ("step, SGD not fused", {}, None),
                                  ("step, stock conv + BN", {"fused": True}, None),
                                  ("step, channels_last", {"fused": True}, torch.channels_last),
                                  ("step, tutorial's net", {"fused": True}, None)):
@@ -174,9 +176,17 @@ def breakdown(root: Path, cfg: TrainConfig) -> None:
                 opt.step()
 
             row[name] = _ms_per_step(step)
-            if name == "step":
+            if name == "step, autograd":
                 # The cost a step has whatever its batch: Python, dispatch, autograd, oneDNN set-up.
                 row["step of 2 images (the fixed cost)"] = _ms_per_step(lambda: step(xb[:2], y[:2]))
+
+                def written_out(images: torch.Tensor = xb, labels: torch.Tensor = y) -> None:
+                    train_step.forward_backward(model, images, labels, 1 / images.shape[0])
+                    opt.step()
+
+                assert train_step.applies(model, xb)
+                row["step as bnpipe trains (backward written out)"] = _ms_per_step(written_out)
+                row["the same, of 2 images"] = _ms_per_step(lambda: written_out(xb[:2], y[:2]))
                 row["forward"] = _ms_per_step(lambda: F.cross_entropy(model(xb), y))
                 row["forward + backward"] = _ms_per_step(lambda: F.cross_entropy(model(xb), y).backward())
                 row["input (gather)"] = _ms_per_step(lambda: inputs.index_select(0, idx))
