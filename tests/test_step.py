@@ -66,6 +66,7 @@ def test_a_step_gives_autograds_loss_gradients_and_statistics(momentum: float | 
         scale = max(p.grad.abs().max().item() for p in reference.parameters())  # type: ignore[union-attr]
         for (name, p), q in zip(reference.named_parameters(), net.parameters()):
             assert q.grad is not None, name
+            assert q.grad.stride() == q.stride(), f"{name}.grad: fused SGD reads it in the parameter's layout"
             torch.testing.assert_close(q.grad, p.grad, rtol=1e-5, atol=1e-6 * scale, msg=lambda m: f"{name}.grad: {m}")
         _assert_same_state(reference, net)
 
@@ -81,7 +82,7 @@ def test_the_loop_takes_it_and_trains_as_with_autograd(monkeypatch: pytest.Monke
         return real(*args)  # type: ignore[arg-type]
 
     def epoch(net: nn.Module) -> tuple[float, float]:
-        opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+        opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4, fused=True)  # as trained
         sched = make_scheduler(opt, "onecycle", 4)
         return loop.train_one_epoch(net, x, y, opt, sched, 64, order)
 

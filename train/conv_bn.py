@@ -175,8 +175,8 @@ def fold_batch_stats_backward(saved: tuple[np.ndarray, ...], g_weight: torch.Ten
     g_scale = (g_weight64 * w64).sum(1) + g_b * (b64 - mean)
     g_var = g_scale * scale * r * r * -0.5
     g_w = g_weight64 * scale[:, None] - np.outer(g_b * scale, mean_p) + 2 * g_var[:, None] * sw
-    return (torch.from_numpy(g_w).to(dtype), torch.zeros(len(b64), dtype=dtype), torch.from_numpy(g_scale * r).to(dtype),
-            g_bias.to(dtype))
+    return (torch.from_numpy(g_w).to(dtype), torch.zeros(len(b64), dtype=dtype),
+            torch.from_numpy(g_scale * r).to(dtype), g_bias.to(dtype))
 
 
 class _FoldBatchStats(torch.autograd.Function):
