@@ -51,12 +51,16 @@ def _assert_same_state(a: nn.Module, b: nn.Module) -> None:
         torch.testing.assert_close(u, t, rtol=1e-5, atol=1e-7, msg=lambda m: f"{name}: {m}")
 
 
-@pytest.mark.parametrize(("momentum", "conv_bias"), [(0.1, False), (None, False), (0.1, True)])
-def test_a_step_gives_autograds_loss_gradients_and_statistics(momentum: float | None, conv_bias: bool) -> None:
+@pytest.mark.parametrize(("momentum", "conv_bias", "offset"),
+                         [(0.1, False, 0.0), (None, False, 0.0), (0.1, True, 0.0), (0.1, False, 100.0)])
+def test_a_step_gives_autograds_loss_gradients_and_statistics(momentum: float | None, conv_bias: bool,
+                                                              offset: float) -> None:
+    # offset 100: inputs far from zero, whose patches the fused first conv + BN shifts in a second pass
     reference, net = _net(momentum, conv_bias), _net(momentum, conv_bias)
     assert step.applies(net, _batch()[0])
     for seed in range(3):  # three batches: the cumulative average (momentum None) counts them
         x, y = _batch(seed=seed)
+        x = x + offset
         want = _autograd_step(reference, x, y, 1 / 24)
         got = step.forward_backward(net, x, y, 1 / 24)
         for w, g in zip(want, got):
@@ -87,7 +91,7 @@ def test_the_loop_takes_it_and_trains_as_with_autograd(monkeypatch: pytest.Monke
         return loop.train_one_epoch(net, x, y, opt, sched, 64, order)
 
     monkeypatch.setattr(step, "forward_backward", counted)
-    fast, fast_metrics = _net(), None
+    fast = _net()
     fast_metrics = epoch(fast)
     assert len(calls) == 4, "the default net on the CPU takes the hand-written step"
     monkeypatch.setattr(step, "applies", lambda model, x: False)
@@ -116,6 +120,10 @@ def test_where_it_applies_and_where_autograd_takes_the_step() -> None:
         handle = module.register_forward_hook(lambda *a: None)
         assert not step.applies(net, x), f"a hook on {type(module).__name__} would miss its call"
         handle.remove()
+    for register in (net.classifier.weight.register_hook, net.features[0].weight.register_post_accumulate_grad_hook):
+        handle = register(lambda *a: None)  # type: ignore[operator]
+        assert not step.applies(net, x), f"a parameter hook would miss its call: {register.__name__}"
+        handle.remove()
     handle = nn.modules.module.register_module_full_backward_hook(lambda *a: None)
     assert not step.applies(net, x), "a global hook would miss the calls"
     handle.remove()
@@ -123,6 +131,12 @@ def test_where_it_applies_and_where_autograd_takes_the_step() -> None:
     assert not step.applies(net, x.double())
     assert not step.applies(copy.deepcopy(net).double(), x.double())
     assert not step.applies(net, F.pad(x, (2, 2, 2, 2))), "32 x 32: not the net's size"
+    strided = copy.deepcopy(net)
+    strided.classifier.weight = nn.Parameter(strided.classifier.weight.detach().t().contiguous().t())
+    assert not step.applies(strided, x), "fused SGD would read a contiguous gradient in the parameter's layout"
+    odd = copy.deepcopy(net)
+    odd.features[4] = nn.Conv2d(6, 16, 4)  # an 11 x 11 output: the 2x2 pool needs even sides
+    assert not step.applies(odd, x)
     swapped = copy.deepcopy(net)
     swapped.features[2] = nn.MaxPool2d(2)
     assert not step.applies(swapped, x), "a layer that is not the net's"

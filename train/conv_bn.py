@@ -9,8 +9,8 @@ patches, with the weight and bias folded as at export, but with the batch's stat
     s = gamma / sqrt(var + eps),   w' = w * s,   b' = beta + (b - mean) * s
 
 One matmul over the patches gives BN's output directly: no pass over the conv's output to normalize
-it and none for BN's backward, whose work autograd does on the few numbers of ``m``, ``S`` and
-``w``. The moments are summed per image in float32 by one batched matmul, and in float64 over the
+it and none for BN's backward, whose work is done on the few numbers of ``m``, ``S`` and ``w``
+(:func:`fold_batch_stats_backward`, in numpy float64). The moments are summed per image in float32 by one batched matmul, and in float64 over the
 batch. This pays only where the patches are few and need no gradient: the first layer, whose input
 is the data (``benchmarks/train_speed.py --breakdown`` times it against ``bn(conv(x))``).
 """
@@ -75,7 +75,7 @@ def patches(x: torch.Tensor, kernel: tuple[int, int], padding: tuple[int, int],
         x: The input.
         kernel: (kh, kw).
         padding: (ph, pw), zeros on each side.
-        shift: Subtracted per channel [C] from the padded input, zeros included (see :func:`conv_bn_train`).
+        shift: Subtracted per channel [C] from the padded input, zeros included (see :func:`_shift`).
         windows: Order the output positions by 2x2 window, for a max pool over the conv's output:
             (dy, dx, y // 2, x // 2) for output (y, x), so that the 4 values of each window lie in
             4 contiguous blocks (see `bnpipe.train.maxpool.pool_windows`). Ho and Wo must be even.
@@ -189,8 +189,8 @@ class _FoldBatchStats(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: torch.autograd.function.FunctionCtx, w: torch.Tensor,  # type: ignore[override]
-                b: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, mean_p: torch.Tensor,
-                cov_p: torch.Tensor, shift: torch.Tensor, eps: float
+                b: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, mean_p: np.ndarray,
+                cov_p: np.ndarray, shift: np.ndarray, eps: float
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         weight, bias, mean, var, saved = fold_batch_stats(w, b, gamma, beta, mean_p, cov_p, shift, eps)
         ctx.folded = saved  # type: ignore[attr-defined]  # numpy arrays, which autograd does not track

@@ -16,6 +16,7 @@ from tqdm import tqdm
 from bnpipe.atomic import check_writable
 from bnpipe.datadir import resolve_data_root
 from bnpipe.errors import BnpipeError
+from bnpipe.train import step
 from bnpipe.train.allocator import keep_freed_memory
 from bnpipe.train.artifacts import write_artifacts
 from bnpipe.train.config import TrainConfig
@@ -26,7 +27,6 @@ from bnpipe.train.model import build_model, default_arch
 from bnpipe.train.precise_bn import recompute_bn_stats
 from bnpipe.train.preprocess import Normalization
 from bnpipe.train.recipe import make_scheduler, resolve_device
-from bnpipe.train import step
 from bnpipe.train.resume import kill_hook, load_resume, restart_checkpoint, resume_state
 from bnpipe.train.syncbn import arch_bn_for, to_sync_bn
 

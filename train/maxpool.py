@@ -3,8 +3,10 @@
 PyTorch's CPU kernel for ``max_pool2d`` (with or without indices) takes about 1 ms for this net's
 first pool, [64, 6, 28, 28], on the 2-core machine we measure on: more than that layer's
 convolution. Taking the max over column pairs and then over row pairs needs two ``maximum`` ops
-on half-strided views, and the backward two multiplications by saved 0/1 masks: the whole
-training step gets 8-9% faster (``benchmarks/train_speed.py --breakdown``).
+on half-strided views, and the backward two multiplications and two subtractions with saved 0/1
+masks: the whole training step gets 8-9% faster (``benchmarks/train_speed.py --breakdown``).
+``pool_windows`` does the same for a conv output whose positions are ordered by pooling window
+(the first pool of `bnpipe.train.step`), with contiguous ops only.
 """
 
 from __future__ import annotations

@@ -11,7 +11,8 @@ output positions are ordered by pooling window, so that the first pool runs on c
 (`bnpipe.train.maxpool.pool_windows`). The loss, the gradients and the running statistics are the
 autograd path's up to float32 rounding (``tests/test_step.py`` compares them). It takes the default
 net in one process; anything else (DDP, whose gradient hooks ride on autograd, other BN kinds,
-hooks, frozen parameters, eval, another dtype) takes ``model(x)`` and ``backward()``.
+hooks on modules or parameters, frozen parameters, eval, another dtype) takes ``model(x)`` and
+``backward()``.
 """
 
 from __future__ import annotations
@@ -38,21 +39,30 @@ def applies(model: nn.Module, x: torch.Tensor) -> bool:
 
     Returns:
         True for a bare :class:`BNConvNet` with ``nn.BatchNorm2d`` in training mode, float32 on the CPU,
-        every parameter trained, no hooks anywhere, where the first conv + BN may be fused.
+        every parameter trained and contiguous (fused SGD reads a gradient in its parameter's layout, and
+        the gradients here are contiguous), no module or parameter hooks, both convs' outputs of even
+        sides for the 2x2 pools, and where the first conv + BN may be fused.
     """
     if type(model) is not BNConvNet or tuple(type(m) for m in model.features) != _LAYERS \
             or type(model.classifier) is not nn.Linear or model.classifier.bias is None:
         return False
-    bn2 = model.features[5]
+    conv1, bn2, conv2 = model.features[0], model.features[5], model.features[4]
     params = list(model.parameters())
+    if not (isinstance(conv1.padding, tuple) and isinstance(conv2.padding, tuple)):
+        return False
+    side1 = x.shape[-1] + 2 * conv1.padding[1] - conv1.kernel_size[1] + 1  # the first conv's output, square input
+    side2 = side1 // 2 + 2 * conv2.padding[1] - conv2.kernel_size[1] + 1
     return (model.training and bn2.training and bn2.affine and bn2.track_running_stats
-            and all(p.requires_grad and p.dtype == torch.float32 and p.device.type == "cpu" for p in params)
-            and model.features[4].padding_mode == "zeros" and isinstance(model.features[4].padding, tuple)
-            and model.features[4].stride == (1, 1) and model.features[4].dilation == (1, 1)
-            and model.features[4].groups == 1
-            and x.shape[-2:] == (28, 28)  # the classifier's size, and even sides for the 2x2 pools
+            and all(p.requires_grad and p.dtype == torch.float32 and p.device.type == "cpu" and p.is_contiguous()
+                    and not p._backward_hooks and not getattr(p, "_post_accumulate_grad_hooks", None)
+                    for p in params)
+            and conv2.padding_mode == "zeros" and conv2.stride == (1, 1) and conv2.dilation == (1, 1)
+            and conv2.groups == 1 and conv1.padding[0] == conv1.padding[1]
+            and conv1.kernel_size[0] == conv1.kernel_size[1] and conv2.padding[0] == conv2.padding[1]
+            and conv2.kernel_size[0] == conv2.kernel_size[1]
+            and x.shape[-2:] == (28, 28) and side1 % 2 == 0 and side2 % 2 == 0  # the classifier's size; 2x2 pools
             and not conv_bn.hooked(model, *model.modules())
-            and conv_bn.applies(model.features[0], model.features[1], x))
+            and conv_bn.applies(conv1, model.features[1], x))
 
 
 @torch.no_grad()
@@ -100,7 +110,8 @@ def forward_backward(model: BNConvNet, x: torch.Tensor, y: torch.Tensor,
     summed = F.nll_loss(log_probs, y, reduction="sum")
 
     # Backward, layer by layer from the loss.
-    g = aten.nll_loss_backward(summed.new_tensor(loss_scale), log_probs, y, None, 2, -100, summed)  # 2: sum
+    g = aten.nll_loss_backward(summed.new_tensor(loss_scale), log_probs, y, None, 2, -100,  # 2: sum
+                                summed.new_ones(()))  # total weight, which a sum does not use
     g = aten._log_softmax_backward_data(g, log_probs, 1, log_probs.dtype)  # [N, 10]
     fc.weight.grad, fc.bias.grad = g.t().mm(features), g.sum(0)
     g = unpool_2x2(aten.threshold_backward(g.mm(fc.weight).view_as(h2), h2, 0), *pool2)  # [N, 16, 10, 10]
