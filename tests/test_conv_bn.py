@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bnpipe.train import conv_bn
+from bnpipe.train import conv_bn, patch_stats
 from bnpipe.train.model import build_model, default_arch
 
 
@@ -80,7 +80,7 @@ def test_the_hand_written_backward_is_autograds() -> None:
     torch.manual_seed(0)
     d = 9
     p = torch.randn(4, d, 30, dtype=torch.float64)
-    mean_p, cov_p = conv_bn.patch_moments(p)
+    mean_p, cov_p = patch_stats.patch_moments(p)
     shift = torch.randn(d, dtype=torch.float64).numpy()
     w, b, gamma, beta = (torch.randn(*s, dtype=torch.float64, requires_grad=True) for s in ((6, d), (6,), (6,), (6,)))
     assert torch.autograd.gradcheck(
@@ -89,19 +89,19 @@ def test_the_hand_written_backward_is_autograds() -> None:
 
 def test_patch_moments_are_the_im2col_moments() -> None:
     x = torch.randn(3, 2, 7, 6, dtype=torch.float64)
-    p, spatial = conv_bn.patches(x, (3, 3), (1, 1))
+    p, spatial = patch_stats.patches(x, (3, 3), (1, 1))
     assert spatial == (7, 6)
     unfold = F.unfold(x, 3, padding=1)  # [N, C * 9, L], torch's own im2col
     torch.testing.assert_close(p, unfold, atol=0, rtol=0)
     rows = unfold.transpose(1, 2).reshape(-1, 18)
-    mean, cov = conv_bn.patch_moments(p)
+    mean, cov = patch_stats.patch_moments(p)
     torch.testing.assert_close(torch.from_numpy(mean), rows.mean(0))
     torch.testing.assert_close(torch.from_numpy(cov), torch.cov(rows.T, correction=0))
 
 
 def test_patches_by_window_are_the_im2col_columns_reordered() -> None:
     x = torch.randn(2, 2, 6, 8)
-    p, spatial = conv_bn.patches(x, (3, 3), (1, 1), windows=True)
+    p, spatial = patch_stats.patches(x, (3, 3), (1, 1), windows=True)
     assert spatial == (6, 8)
     # column (y, x) of torch's im2col goes to (y % 2, x % 2, y // 2, x // 2)
     unfold = F.unfold(x, 3, padding=1).view(2, 18, 3, 2, 4, 2).permute(0, 1, 3, 5, 2, 4).reshape(2, 18, 48)

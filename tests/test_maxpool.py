@@ -56,7 +56,7 @@ def test_second_derivative_is_refused_not_wrong() -> None:
 
 
 def _by_window(x: torch.Tensor) -> torch.Tensor:
-    """[N, C, H, W] -> [N, C, 4, H/2 * W/2]: the layout of ``conv_bn.patches(windows=True)``'s conv output."""
+    """[N, C, H, W] -> [N, C, 4, H/2 * W/2]: the layout of ``patch_stats.patches(windows=True)``'s conv output."""
     n, c, h, w = x.shape
     return x.view(n, c, h // 2, 2, w // 2, 2).permute(0, 1, 3, 5, 2, 4).reshape(n, c, 4, h * w // 4)
 

@@ -69,7 +69,7 @@ def unpool_2x2(grad: torch.Tensor, took_right: torch.Tensor, took_lower: torch.T
 
 
 def pool_windows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """A 2x2 max pool of a conv output whose positions are ordered by window (``conv_bn.patches(windows=True)``).
+    """A 2x2 max pool of a conv output whose positions are ordered by window (``patch_stats.patches(windows=True)``).
 
     Each window's values are in 4 contiguous blocks, which pool with contiguous ops: 5-7% off the
     training step against :func:`pool_2x2` on the interleaved layout, whose strided ops cost 4 times

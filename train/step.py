@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bnpipe.train import conv_bn
+from bnpipe.train.patch_stats import batch_patches
 from bnpipe.train.batchnorm import batch_momentum
 from bnpipe.train.maxpool import MaxPool2x2, pool_2x2, pool_windows, unpool_2x2, unpool_windows
 from bnpipe.train.model import BNConvNet
@@ -87,14 +88,13 @@ def forward_backward(model: BNConvNet, x: torch.Tensor, y: torch.Tensor,
     # The first conv + BN: one matmul over the patches with the weight and bias folded with the batch's statistics.
     # Its output positions are ordered by pooling window, which the first pool takes as they are: the
     # layout never needs undoing, as the gradient of that output only meets the same patches again.
-    p, (ho, wo), mean_p, cov_p, shift_p = conv_bn.batch_patches(x, conv1, windows=True)
-    w1 = conv1.weight.flatten(1)  # [6, 9]
-    b1 = conv1.bias if conv1.bias is not None else w1.new_zeros(w1.shape[0])
+    p, (ho, wo), mean_p, cov_p, shift_p = batch_patches(x, conv1, windows=True)
+    w1, b1 = conv_bn.weight_and_bias(conv1)  # [6, 9], [6]
     weight, bias, mean, var, folded = conv_bn.fold_batch_stats(w1, b1, bn1.weight, bn1.bias, mean_p, cov_p,
                                                                shift_p, bn1.eps)
     conv_bn.record_batch(bn1, mean, var, n * ho * wo)
     c1 = weight.shape[0]
-    a1 = torch.baddbmm(bias.view(1, -1, 1), weight.expand(n, -1, -1), p).view(n, c1, 4, -1)  # [N, 6, 4, 196]
+    a1 = conv_bn.folded_conv(p, weight, bias).view(n, c1, 4, -1)  # [N, 6, 4, 196]
     h1, pool1 = pool_windows(a1)
     h1 = h1.view(n, c1, ho // 2, wo // 2).relu_()  # [N, 6, 14, 14]; the result is the ReLU's mask, as in autograd
     a2 = F.conv2d(h1, conv2.weight, conv2.bias, conv2.stride, conv2.padding, conv2.dilation, conv2.groups)
