@@ -49,6 +49,8 @@ from serve_procs import Server, cpu_seconds, free_port  # beside this script
 
 HERE = Path(__file__).resolve().parent
 BIN = Path(sys.executable).parent
+# The console script beside this Python; where there is none (a GPU machine's assembled package), -m.
+BNPIPE = [str(BIN / "bnpipe")] if (BIN / "bnpipe").exists() else [sys.executable, "-m", "bnpipe"]
 CONCURRENCY = (1, 8, 64)
 THROUGHPUT_VS_TRITON, VS_CEILING, CPU_VS_TRITON, READY_VS_PREDICT = 1.3, 0.85, 0.5, 2.0
 
@@ -92,13 +94,13 @@ def time_to_ready(model: str, device: str, one_png: Path, repeats: int) -> tuple
     serve_times, predict_times = [], []
     for _ in range(repeats):
         t0 = time.perf_counter()
-        done = subprocess.run([str(BIN / "bnpipe"), "predict", "--model", model, "--device", device, str(one_png)],
+        done = subprocess.run([*BNPIPE, "predict", "--model", model, "--device", device, str(one_png)],
                               capture_output=True)
         predict_times.append(time.perf_counter() - t0)
         if done.returncode != 0:
             sys.exit(f"bnpipe predict failed: {done.stderr.decode()[-500:]}")
         port = free_port()
-        cmd = [str(BIN / "bnpipe"), "serve", "--model", model, "--device", device, "--port", str(port)]
+        cmd = [*BNPIPE, "serve", "--model", model, "--device", device, "--port", str(port)]
         t0 = time.perf_counter()
         with Server("bnpipe serve", cmd, port, same_session=True, ready_path="/v2/health/ready"):
             serve_times.append(time.perf_counter() - t0)
@@ -107,7 +109,7 @@ def time_to_ready(model: str, device: str, one_png: Path, repeats: int) -> tuple
 
 def servers(args: argparse.Namespace) -> dict[str, tuple[list[str], dict[str, str] | None, int]]:
     """name -> (command, environment, ports it needs)."""
-    bnpipe = [str(BIN / "bnpipe"), "serve", "--model", args.model, "--device", args.device]
+    bnpipe = [*BNPIPE, "serve", "--model", args.model, "--device", args.device]
     libdir = sysconfig.get_config_var("LIBDIR")  # PyTriton's stub loads the running Python's libpython
     env = {**os.environ, "LD_LIBRARY_PATH": f"{libdir}:{os.environ.get('LD_LIBRARY_PATH', '')}"}
     peers = str(HERE / "serve_peers.py")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 from collections.abc import Callable
@@ -16,7 +15,7 @@ from tqdm import tqdm
 from bnpipe.atomic import check_writable
 from bnpipe.datadir import resolve_data_root
 from bnpipe.errors import BnpipeError
-from bnpipe.train import step
+from bnpipe.train import graphed, step
 from bnpipe.train.allocator import keep_freed_memory
 from bnpipe.train.artifacts import write_artifacts
 from bnpipe.train.config import TrainConfig
@@ -26,7 +25,7 @@ from bnpipe.train.distributed import (SINGLE, World, all_reduce_sum, batch_count
 from bnpipe.train.model import build_model, default_arch
 from bnpipe.train.precise_bn import recompute_bn_stats
 from bnpipe.train.preprocess import Normalization
-from bnpipe.train.recipe import make_scheduler, resolve_device
+from bnpipe.train.recipe import make_deterministic, make_scheduler, resolve_device
 from bnpipe.train.resume import kill_hook, load_resume, restart_checkpoint, resume_state
 from bnpipe.train.syncbn import arch_bn_for, to_sync_bn
 
@@ -44,6 +43,7 @@ def train_one_epoch(
     world: World = SINGLE,
     progress: bool = False,
     after_step: Callable[[int], None] | None = None,
+    cuda_graph: bool = True,
 ) -> tuple[float, float]:
     """One pass over ``inputs`` (normalized float [N,1,28,28] on the model's device) in the given ``order``.
 
@@ -53,7 +53,8 @@ def train_one_epoch(
     correct counts stay on the device and are read once at the end (and every ``NAN_CHECK_EVERY``
     batches to stop early on a non-finite loss); ``after_step(i)`` runs after step ``i``. Where it
     gives autograd's gradients (the default net on the CPU, one process), a step's backward is
-    `bnpipe.train.step`'s, written out.
+    `bnpipe.train.step`'s, written out. On CUDA in one process, the full batches replay a CUDA graph
+    of the step (`bnpipe.train.graphed`), unless ``cuda_graph`` is False.
 
     Returns:
         Mean training loss and accuracy over the epoch, over all ranks.
@@ -67,21 +68,18 @@ def train_one_epoch(
     seen = 0
     batches = local_batches(order.to(inputs.device), batch_size, world)
     fast = step.applies(model, inputs[:2])  # the hand-written backward, where it gives autograd's gradients
+    replay = None
+    if cuda_graph and graphed.applies(model, inputs, world.distributed):
+        replay = graphed.GraphedStep(model, optimizer, inputs, labels, batch_size, 1 / batch_size, loss_sum, correct)
     total = batch_count(order.shape[0], batch_size, world)
     for i, (idx, global_count) in enumerate(tqdm(batches, desc="train", total=total, leave=False, disable=not progress)):
-        x, y = inputs.index_select(0, idx), labels.index_select(0, idx)
-        if fast:
-            summed, logits = step.forward_backward(model, x, y, world.size / global_count)  # type: ignore[arg-type]
+        if replay is not None and idx.shape[0] == batch_size:
+            replay(idx)  # the gather, forward, backward, SGD step and the sums, all on the device
         else:
-            logits = model(x)
-            summed = F.cross_entropy(logits, y, reduction="sum")
-            optimizer.zero_grad(set_to_none=True)
-            (summed * (world.size / global_count)).backward()
-        optimizer.step()
+            x, y = inputs.index_select(0, idx), labels.index_select(0, idx)
+            step.train_step(model, optimizer, x, y, world.size / global_count, loss_sum, correct, written_out=fast)
         scheduler.step()
-        loss_sum += summed.detach()
-        correct += (logits.detach().argmax(1) == y).sum()
-        seen += y.shape[0]
+        seen += idx.shape[0]
         if after_step is not None:
             after_step(i)
         if (i + 1) % NAN_CHECK_EVERY == 0 and not _all_finite(loss_sum, world):
@@ -163,12 +161,7 @@ def _train(config: TrainConfig, log: Callable[[str], None], resume: str | None, 
     if resume is None and world.distributed:
         resume = restart_checkpoint(config)  # torchrun restarted us: continue our own run
     ckpt = load_resume(resume, config) if resume else None
-    if device.type == "cuda":
-        # Same seed, same weights on a GPU too: cuDNN's fastest conv backward kernels add in a
-        # varying order, and cuBLAS needs a fixed workspace to be deterministic.
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.backends.cudnn.benchmark = False
-        torch.use_deterministic_algorithms(True, warn_only=True)
+    make_deterministic(device)
     torch.manual_seed(config.seed)
     root = resolve_data_root(config.data)
     train_x, train_y = load_mnist(root, train=True)

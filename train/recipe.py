@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from bnpipe.errors import BnpipeError
@@ -17,6 +19,15 @@ def resolve_device(name: str) -> torch.device:
     if name not in ("cpu", "cuda"):
         raise BnpipeError(f"--device {name}: expected auto, cpu or cuda")
     return torch.device(name)
+
+
+def make_deterministic(device: torch.device) -> None:
+    """Same seed, same weights on a GPU too: cuDNN's fastest conv backward kernels add in a varying
+    order, and cuBLAS needs a fixed workspace to be deterministic. (The CPU kernels already are.)"""
+    if device.type == "cuda":
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.backends.cudnn.benchmark = False
+        torch.use_deterministic_algorithms(True, warn_only=True)
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, schedule: str, total_steps: int) -> torch.optim.lr_scheduler.LRScheduler:

@@ -136,3 +136,32 @@ def forward_backward(model: BNConvNet, x: torch.Tensor, y: torch.Tensor,
         conv1.bias.grad = grads[1]
     bn1.weight.grad, bn1.bias.grad = grads[2], grads[3]
     return summed, logits
+
+
+def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
+               loss_scale: float, loss_sum: torch.Tensor, correct: torch.Tensor, written_out: bool = False) -> None:
+    """One optimizer step on a batch; its summed loss and correct count are added to device scalars.
+
+    Nothing here reads a value back to the host, so a CUDA graph can hold the whole step
+    (`bnpipe.train.graphed`).
+
+    Args:
+        model: The net, in training mode.
+        optimizer: Steps the model's parameters.
+        x: The normalized batch [N, 1, H, W].
+        y: Its labels [N].
+        loss_scale: Multiplies the summed loss before the backward pass (1/N for the batch mean).
+        loss_sum: Receives the summed cross-entropy (a scalar on the model's device).
+        correct: Receives the count of right argmaxes (a scalar on the model's device).
+        written_out: Take :func:`forward_backward` (where :func:`applies`) instead of autograd.
+    """
+    if written_out:
+        summed, logits = forward_backward(model, x, y, loss_scale)  # type: ignore[arg-type]
+    else:
+        optimizer.zero_grad(set_to_none=True)  # at capture: the gradients are then allocated in the graph's pool
+        logits = model(x)
+        summed = F.cross_entropy(logits, y, reduction="sum")
+        (summed * loss_scale).backward()
+    optimizer.step()
+    loss_sum += summed.detach()
+    correct += (logits.detach().argmax(1) == y).sum()

@@ -1,0 +1,67 @@
+"""The CUDA-graph training step against the eager loop. On a machine without CUDA only `applies` is checked."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from bnpipe.train import graphed, loop
+from bnpipe.train.model import build_model, default_arch
+from bnpipe.train.recipe import make_deterministic, make_scheduler
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")
+
+
+def _run(device: torch.device, cuda_graph: bool, epochs: int = 2, n: int = 64 * 9 + 10) -> tuple[dict, list, dict]:
+    """Train the default net from one seed; the last batch of each epoch (10 images) is a partial one."""
+    g = torch.Generator().manual_seed(0)
+    inputs = (torch.rand(n, 1, 28, 28, generator=g) * 2 - 1).to(device)
+    labels = torch.randint(0, 10, (n,), generator=g).to(device)
+    torch.manual_seed(0)
+    model = build_model(default_arch("torch")).to(device)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4, fused=True)
+    sched = make_scheduler(opt, "onecycle", epochs * 10)
+    metrics = []
+    for epoch in range(epochs):
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(epoch))
+        metrics.append(loop.train_one_epoch(model, inputs, labels, opt, sched, 64, order, cuda_graph=cuda_graph))
+    buffers = {id(p): opt.state[p]["momentum_buffer"] for p in model.parameters()}
+    return model.state_dict(), metrics, {k: buffers[id(p)] for k, p in model.named_parameters()}
+
+
+def test_applies_needs_cuda() -> None:
+    model = build_model(default_arch("torch"))
+    assert not graphed.applies(model, torch.zeros(2, 1, 28, 28), distributed=False)
+
+
+@cuda
+def test_applies_on_cuda() -> None:
+    device = torch.device("cuda")
+    x = torch.zeros(2, 1, 28, 28, device=device)
+    model = build_model(default_arch("torch")).to(device)
+    assert graphed.applies(model, x, distributed=False)
+    assert not graphed.applies(model, x, distributed=True)  # DDP's hooks reduce across ranks
+    handle = model.features[1].register_forward_hook(lambda *args: None)  # would run once, at capture
+    assert not graphed.applies(model, x, distributed=False)
+    handle.remove()
+    model.features[1].momentum = None  # the cumulative average reads the batch count on the host
+    assert not graphed.applies(model, x, distributed=False)
+
+
+@cuda
+def test_graph_replays_give_the_eager_loop_exactly(monkeypatch: pytest.MonkeyPatch) -> None:
+    device = torch.device("cuda")
+    make_deterministic(device)
+    eager_state, eager_metrics, eager_momentum = _run(device, cuda_graph=False)
+    captures, replays = [], []
+    capture, call = graphed.GraphedStep._capture, graphed.GraphedStep.__call__
+    monkeypatch.setattr(graphed.GraphedStep, "_capture", lambda self: (captures.append(1), capture(self))[1])
+    monkeypatch.setattr(graphed.GraphedStep, "__call__",
+                        lambda self, idx: (replays.append(self.eager_steps >= graphed.WARMUP), call(self, idx))[1])
+    state, metrics, momentum = _run(device, cuda_graph=True)
+    assert len(captures) == 2 and sum(replays) == 2 * (9 - graphed.WARMUP)  # one capture per epoch
+    assert metrics == eager_metrics
+    for key in eager_state:
+        assert torch.equal(state[key], eager_state[key]), key  # weights, running statistics, batch counts
+    for key in eager_momentum:
+        assert torch.equal(momentum[key], eager_momentum[key]), key
