@@ -8,5 +8,7 @@ python3 -m pip install -q --no-deps --target /tmp/ort /tmp/onnxruntime_gpu-*.whl
 source benchmarks/gpu_setup.sh
 export PYTHONPATH=/tmp/ort:$PYTHONPATH  # before the image's CPU-only onnxruntime
 python3 -c "import onnxruntime as o; print('onnxruntime', o.__version__, o.get_device(), o.get_available_providers())"
+timeout 60 python3 "$repo/benchmarks/ort_shapes.py" --model "$repo/models/bn_convnet.onnx" --device cuda
+# 6 load generators: the machine has 16 cores, and 2 tritonclient processes would cap the servers
 timeout 240 python3 "$repo/benchmarks/serve.py" --model "$repo/models/bn_convnet.onnx" --data /tmp/data --device cuda \
-    --only "bnpipe serve" --rounds 2 --ready-repeats 2 2>&1 | tail -25
+    --only "bnpipe serve" bare --rounds 2 --generators 6 --ready-repeats 2 2>&1 | tail -25

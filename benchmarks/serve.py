@@ -16,7 +16,7 @@ table gives medians over rounds. Server CPU time per request is its process tree
 time over the requests completed in the measured window.
 
 Targets at concurrency 64: throughput >= 1.3x Triton's with p99 no worse; >= 0.85x the ceiling;
-batching never slower than --max-batch-size 1 on the CPU; server CPU time per request <= 0.5x
+batching never slower than --max-batch-size 1 (on a GPU, 2x faster at c64); server CPU time per request <= 0.5x
 Triton's. Time to ready (launch to GET /v2/health/ready 200) <= 2x the cold start of
 `bnpipe predict one.png`.
 
@@ -188,7 +188,7 @@ def main() -> int:
         if one is None or ("bnpipe serve", c) not in med:
             continue
         check(f"throughput batching vs --max-batch-size 1 at c{c}", med[("bnpipe serve", c)]["rps"] / one["rps"],
-              1.0 if args.device == "cpu" else 2.0, True)
+              2.0 if args.device != "cpu" and c == top else 1.0, True)  # a lone client has nothing to batch
     if args.no_ready:
         print("all targets met" if not missed else f"MISSED: {', '.join(missed)}")
         return 1 if missed else 0

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -190,3 +190,29 @@ class Model:
             self.session.run_with_iobinding(binding)
             return binding.copy_outputs_to_cpu()[0]
         return self.session.run([OUTPUT_NAME], {INPUT_NAME: pixels})[0]
+
+
+class FixedRows:
+    """Runs every batch as ``rows`` rows, the batch's own first and zeros after: one input shape for all runs.
+
+    On CUDA, onnxruntime plans each conv for the last input shape it saw. A run whose batch size
+    differs from the previous run's re-plans them: 4 ms per run on an H200 when the size cycles
+    through 1..8 (23 ms with EXHAUSTIVE search), against 0.19 ms for every run at 256 rows
+    (``benchmarks/ort_shapes.py``). The rows of this net do not mix, so the padding changes nothing
+    in a batch's own rows. Called from one thread at a time (the batcher's worker).
+    """
+
+    def __init__(self, run: Callable[[np.ndarray], np.ndarray], rows: int) -> None:
+        self.run, self.rows = run, rows
+        self._buffer: np.ndarray | None = None  # [rows, ...] the padded batch
+        self._used = 0  # rows of the buffer that may hold a previous batch
+
+    def __call__(self, pixels: np.ndarray) -> np.ndarray:
+        """``pixels`` [n <= rows, ...] -> the model's output for those n rows."""
+        n = len(pixels)
+        if self._buffer is None or self._buffer.shape[1:] != pixels.shape[1:] or self._buffer.dtype != pixels.dtype:
+            self._buffer, self._used = np.zeros((self.rows, *pixels.shape[1:]), pixels.dtype), 0
+        self._buffer[:n] = pixels
+        self._buffer[n:self._used] = 0
+        self._used = n
+        return self.run(self._buffer)[:n]

@@ -60,7 +60,7 @@ def load(model_path: str, name: str | None, device: str, max_batch: int, max_del
     from bnpipe.serve.app import ServeState
     from bnpipe.serve.batcher import Batcher
     from bnpipe.serve.metrics import Metrics
-    from bnpipe.serve.runtime import CUDA, Model
+    from bnpipe.serve.runtime import CUDA, FixedRows, Model
     from bnpipe.serve.triton_config import tensor_specs, triton_config
 
     if max_queue < max_batch:
@@ -70,9 +70,11 @@ def load(model_path: str, name: str | None, device: str, max_batch: int, max_del
     inputs, outputs = tensor_specs(model.session.get_inputs()), tensor_specs(model.session.get_outputs())
     config = triton_config(model_name, inputs, outputs, max_batch_size=max_batch, max_queue_delay_us=max_delay_us,
                            device="gpu" if model.provider == CUDA else "cpu")
+    # On CUDA every run has max_batch rows: onnxruntime re-plans its convs for each new batch size.
+    run = FixedRows(model.logits, max_batch) if model.provider == CUDA else model.logits
     for warmup in config["model_warmup"]:  # the sizes Triton warms up too: the first client request is not slow
-        model.logits(np.zeros((warmup["batch_size"], *inputs[0].shape[1:]), np.uint8))
-    batcher = Batcher(model.logits, max_batch, max_delay_us / 1e6, max_queue)
+        run(np.zeros((warmup["batch_size"], *inputs[0].shape[1:]), np.uint8))
+    batcher = Batcher(run, max_batch, max_delay_us / 1e6, max_queue)
     metrics = Metrics(model_name, max_batch, pending=lambda: batcher.busy)
     batcher.on_batch = metrics.batch
     return ServeState(model, model_name, version, inputs, outputs, config, batcher, metrics, max_body)

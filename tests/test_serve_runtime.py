@@ -13,7 +13,7 @@ import pytest
 
 from bnpipe.errors import BnpipeError
 from bnpipe.serve import cuda
-from bnpipe.serve.runtime import CPU, CUDA, Model, check_contract, plan_providers, provider_that_ran
+from bnpipe.serve.runtime import CPU, CUDA, FixedRows, Model, check_contract, plan_providers, provider_that_ran
 from tests.test_serve_support import LABELS, LAYOUT, build_model, linear_reference
 
 ALL = ["TensorrtExecutionProvider", CUDA, CPU]
@@ -211,6 +211,26 @@ def test_logits_match_the_numpy_reference(tmp_path: Path) -> None:
     assert model.provider == CPU and model.labels == LABELS
     pixels = np.random.default_rng(0).integers(0, 256, (7, 28, 28), dtype=np.uint8)
     np.testing.assert_allclose(model.logits(pixels[:, None]), linear_reference(pixels), rtol=1e-5, atol=1e-5)
+
+
+def test_fixed_rows_runs_one_shape_and_gives_each_batch_its_own_rows(tmp_path: Path) -> None:
+    model = Model.load(str(build_model(tmp_path / "m.onnx")), "cpu")
+    shapes, tails = [], []
+
+    def run(pixels: np.ndarray) -> np.ndarray:
+        shapes.append(pixels.shape)
+        tails.append(pixels[n:].any())  # rows past the batch: zeros, never a stale batch
+        return model.logits(pixels)
+
+    fixed = FixedRows(run, 8)
+    rng = np.random.default_rng(0)
+    for n in (3, 8, 1, 5, 8):
+        pixels = rng.integers(1, 256, (n, 1, 28, 28), dtype=np.uint8)
+        out = fixed(pixels)
+        assert out.shape == (n, len(LABELS))
+        np.testing.assert_array_equal(out, model.logits(np.concatenate([pixels, np.zeros((8 - n, 1, 28, 28), np.uint8)]))[:n])
+        np.testing.assert_allclose(out, linear_reference(pixels[:, 0]), rtol=1e-5, atol=1e-5)
+    assert shapes == [(8, 1, 28, 28)] * 5 and not any(tails)
 
 
 def test_session_options(tmp_path: Path) -> None:
