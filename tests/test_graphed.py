@@ -12,7 +12,8 @@ from bnpipe.train.recipe import make_deterministic, make_scheduler
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")
 
 
-def _run(device: torch.device, cuda_graph: bool, epochs: int = 2, n: int = 64 * 9 + 10) -> tuple[dict, list, dict]:
+def _run(device: torch.device, cuda_graph: bool, epochs: int = 2, n: int = 64 * 9 + 10,
+         momentum_at: int | None = None) -> tuple[dict, list, dict]:
     """Train the default net from one seed; the last batch of each epoch (10 images) is a partial one."""
     g = torch.Generator().manual_seed(0)
     inputs = (torch.rand(n, 1, 28, 28, generator=g) * 2 - 1).to(device)
@@ -24,14 +25,21 @@ def _run(device: torch.device, cuda_graph: bool, epochs: int = 2, n: int = 64 * 
     metrics = []
     for epoch in range(epochs):
         order = torch.randperm(n, generator=torch.Generator().manual_seed(epoch))
-        metrics.append(loop.train_one_epoch(model, inputs, labels, opt, sched, 64, order, cuda_graph=cuda_graph))
+        # momentum_at: a scheduler-like change of a setting that a capture holds, after that step
+        change = (lambda i: opt.param_groups[0].update(momentum=0.5) if i == momentum_at else None)
+        metrics.append(loop.train_one_epoch(model, inputs, labels, opt, sched, 64, order, cuda_graph=cuda_graph,
+                                            after_step=change))
     buffers = {id(p): opt.state[p]["momentum_buffer"] for p in model.parameters()}
     return model.state_dict(), metrics, {k: buffers[id(p)] for k, p in model.named_parameters()}
 
 
+def _sgd(model: torch.nn.Module, fused: bool = True) -> torch.optim.SGD:
+    return torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, fused=fused)
+
+
 def test_applies_needs_cuda() -> None:
     model = build_model(default_arch("torch"))
-    assert not graphed.applies(model, torch.zeros(2, 1, 28, 28), distributed=False)
+    assert not graphed.applies(model, _sgd(model, fused=False), torch.zeros(2, 1, 28, 28), distributed=False)
 
 
 @cuda
@@ -39,13 +47,16 @@ def test_applies_on_cuda() -> None:
     device = torch.device("cuda")
     x = torch.zeros(2, 1, 28, 28, device=device)
     model = build_model(default_arch("torch")).to(device)
-    assert graphed.applies(model, x, distributed=False)
-    assert not graphed.applies(model, x, distributed=True)  # DDP's hooks reduce across ranks
+    opt = _sgd(model)
+    assert graphed.applies(model, opt, x, distributed=False)
+    assert not graphed.applies(model, opt, x, distributed=True)  # DDP's hooks reduce across ranks
+    assert not graphed.applies(model, _sgd(model, fused=False), x, distributed=False)  # reads lr on the host
+    assert not graphed.applies(model, torch.optim.Adam(model.parameters()), x, distributed=False)
     handle = model.features[1].register_forward_hook(lambda *args: None)  # would run once, at capture
-    assert not graphed.applies(model, x, distributed=False)
+    assert not graphed.applies(model, opt, x, distributed=False)
     handle.remove()
     model.features[1].momentum = None  # the cumulative average reads the batch count on the host
-    assert not graphed.applies(model, x, distributed=False)
+    assert not graphed.applies(model, opt, x, distributed=False)
 
 
 @cuda
@@ -65,3 +76,14 @@ def test_graph_replays_give_the_eager_loop_exactly(monkeypatch: pytest.MonkeyPat
         assert torch.equal(state[key], eager_state[key]), key  # weights, running statistics, batch counts
     for key in eager_momentum:
         assert torch.equal(momentum[key], eager_momentum[key]), key
+
+
+@cuda
+def test_a_changed_momentum_is_captured_again() -> None:
+    device = torch.device("cuda")
+    make_deterministic(device)
+    eager_state, eager_metrics, _ = _run(device, cuda_graph=False, epochs=1, momentum_at=5)
+    state, metrics, _ = _run(device, cuda_graph=True, epochs=1, momentum_at=5)
+    assert metrics == eager_metrics
+    for key in eager_state:
+        assert torch.equal(state[key], eager_state[key]), key

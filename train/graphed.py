@@ -19,14 +19,22 @@ from bnpipe.train.step import train_step
 WARMUP = 3  # eager steps before capture: cuDNN and cuBLAS set up their handles and workspaces lazily
 
 
-def applies(model: nn.Module, inputs: torch.Tensor, distributed: bool) -> bool:
+def applies(model: nn.Module, optimizer: torch.optim.Optimizer, inputs: torch.Tensor, distributed: bool) -> bool:
     """Whether a replayed graph gives the eager step's results.
 
-    It needs CUDA and one process (DDP's gradient hooks talk to other ranks). A module hook would run
-    once, at capture, and never again; a BN with ``momentum=None`` reads its batch count on the host.
+    It needs CUDA, one process (DDP's gradient hooks talk to other ranks) and fused SGD, whose kernel
+    reads a learning rate from device memory (the others read it on the host, which capture forbids).
+    A module hook would run once, at capture, and never again; a BN with ``momentum=None`` reads its
+    batch count on the host.
     """
     return (inputs.device.type == "cuda" and not distributed and not hooked(*model.modules())
+            and type(optimizer) is torch.optim.SGD and all(g.get("fused") for g in optimizer.param_groups)
             and all(getattr(m, "momentum", 0.0) is not None for m in model.modules()))
+
+
+def _settings(optimizer: torch.optim.Optimizer) -> list[dict[str, object]]:
+    """Each parameter group's settings that a capture bakes in: all but the parameters and the rate."""
+    return [{k: v for k, v in g.items() if k not in ("params", "lr")} for g in optimizer.param_groups]
 
 
 class GraphedStep:
@@ -46,6 +54,7 @@ class GraphedStep:
         # One device scalar per parameter group: the graph reads the rate there, the scheduler keeps floats.
         self.lrs = [torch.tensor(float(g["lr"]), device=inputs.device) for g in optimizer.param_groups]
         self.graph: torch.cuda.CUDAGraph | None = None
+        self.captured_with: list[dict[str, object]] = []  # the optimizer's settings at capture
         self.eager_steps = 0
 
     def _step(self) -> None:
@@ -64,8 +73,8 @@ class GraphedStep:
             torch.cuda.current_stream().wait_stream(side)
             self.eager_steps += 1
         else:
-            if self.graph is None:
-                self._capture()
+            if self.graph is None or self.captured_with != _settings(self.optimizer):
+                self._capture()  # again if a scheduler moved momentum or weight decay: the graph holds them
             for lr, group in zip(self.lrs, self.optimizer.param_groups):
                 lr.fill_(group["lr"])
             self.graph.replay()  # type: ignore[union-attr]
@@ -82,4 +91,4 @@ class GraphedStep:
         finally:
             for rate, group in zip(floats, self.optimizer.param_groups):
                 group["lr"] = rate
-        self.graph = graph
+        self.graph, self.captured_with = graph, _settings(self.optimizer)

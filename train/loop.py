@@ -69,7 +69,7 @@ def train_one_epoch(
     batches = local_batches(order.to(inputs.device), batch_size, world)
     fast = step.applies(model, inputs[:2])  # the hand-written backward, where it gives autograd's gradients
     replay = None
-    if cuda_graph and graphed.applies(model, inputs, world.distributed):
+    if cuda_graph and graphed.applies(model, optimizer, inputs, world.distributed):
         replay = graphed.GraphedStep(model, optimizer, inputs, labels, batch_size, 1 / batch_size, loss_sum, correct)
     total = batch_count(order.shape[0], batch_size, world)
     for i, (idx, global_count) in enumerate(tqdm(batches, desc="train", total=total, leave=False, disable=not progress)):
