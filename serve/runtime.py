@@ -203,6 +203,8 @@ class FixedRows:
     """
 
     def __init__(self, run: Callable[[np.ndarray], np.ndarray], rows: int) -> None:
+        if rows < 1:
+            raise ValueError(f"rows must be at least 1, got {rows}")
         self.run, self.rows = run, rows
         self._buffer: np.ndarray | None = None  # [rows, ...] the padded batch
         self._used = 0  # rows of the buffer that may hold a previous batch
@@ -210,6 +212,8 @@ class FixedRows:
     def __call__(self, pixels: np.ndarray) -> np.ndarray:
         """``pixels`` [n <= rows, ...] -> the model's output for those n rows."""
         n = len(pixels)
+        if n > self.rows:
+            raise ValueError(f"{n} rows do not fit a run of {self.rows}")
         if self._buffer is None or self._buffer.shape[1:] != pixels.shape[1:] or self._buffer.dtype != pixels.dtype:
             self._buffer, self._used = np.zeros((self.rows, *pixels.shape[1:]), pixels.dtype), 0
         self._buffer[:n] = pixels

@@ -72,8 +72,10 @@ def load(model_path: str, name: str | None, device: str, max_batch: int, max_del
                            device="gpu" if model.provider == CUDA else "cpu")
     # On CUDA every run has max_batch rows: onnxruntime re-plans its convs for each new batch size.
     run = FixedRows(model.logits, max_batch) if model.provider == CUDA else model.logits
-    for warmup in config["model_warmup"]:  # the sizes Triton warms up too: the first client request is not slow
-        run(np.zeros((warmup["batch_size"], *inputs[0].shape[1:]), np.uint8))
+    # The sizes Triton warms up too, so that the first client request is not slow; padded, one shape is all.
+    sizes = [max_batch] if model.provider == CUDA else [w["batch_size"] for w in config["model_warmup"]]
+    for size in sizes:
+        run(np.zeros((size, *inputs[0].shape[1:]), np.uint8))
     batcher = Batcher(run, max_batch, max_delay_us / 1e6, max_queue)
     metrics = Metrics(model_name, max_batch, pending=lambda: batcher.busy)
     batcher.on_batch = metrics.batch
@@ -146,7 +148,8 @@ def _have(module: str, fallback: str) -> str:
               help="auto: CUDA when onnxruntime can use a GPU, else the CPU. cuda never falls back.")
 @click.option("--name", default=None, help="Model name in the URLs [default: the repository's, else bnpipe].")
 @click.option("--max-batch-size", type=click.IntRange(min=1), default=256, show_default=True,
-              help="Images per onnxruntime run, at most.")
+              help="Images per onnxruntime run, at most. On CUDA every run is padded to this many "
+                   "(one input shape), so a large value costs a lone request more.")
 @click.option("--max-queue-delay-us", type=click.IntRange(min=0), default=500, show_default=True,
               help="The longest a request waits for others to join its batch, in microseconds.")
 @click.option("--max-queue", type=click.IntRange(min=1), default=1024, show_default=True,

@@ -231,6 +231,10 @@ def test_fixed_rows_runs_one_shape_and_gives_each_batch_its_own_rows(tmp_path: P
         np.testing.assert_array_equal(out, model.logits(np.concatenate([pixels, np.zeros((8 - n, 1, 28, 28), np.uint8)]))[:n])
         np.testing.assert_allclose(out, linear_reference(pixels[:, 0]), rtol=1e-5, atol=1e-5)
     assert shapes == [(8, 1, 28, 28)] * 5 and not any(tails)
+    with pytest.raises(ValueError, match="9 rows do not fit a run of 8"):
+        fixed(np.zeros((9, 1, 28, 28), np.uint8))
+    with pytest.raises(ValueError, match="at least 1"):
+        FixedRows(run, 0)
 
 
 def test_session_options(tmp_path: Path) -> None:

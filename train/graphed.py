@@ -24,11 +24,18 @@ def applies(model: nn.Module, optimizer: torch.optim.Optimizer, inputs: torch.Te
 
     It needs CUDA, one process (DDP's gradient hooks talk to other ranks) and fused SGD, whose kernel
     reads a learning rate from device memory (the others read it on the host, which capture forbids).
-    A module hook would run once, at capture, and never again; a BN with ``momentum=None`` reads its
-    batch count on the host.
+    A hook (on a module, a parameter or the optimizer) would run once, at capture, and never again;
+    autocast and anomaly mode are not captured; a BN with ``momentum=None`` reads its batch count on the host.
     """
+    from torch.optim import optimizer as optim_module
+
+    step_hooks = (optimizer._optimizer_step_pre_hooks, optimizer._optimizer_step_post_hooks,
+                  optim_module._global_optimizer_pre_hooks, optim_module._global_optimizer_post_hooks)
+    params = [p for g in optimizer.param_groups for p in g["params"]]
     return (inputs.device.type == "cuda" and not distributed and not hooked(*model.modules())
             and type(optimizer) is torch.optim.SGD and all(g.get("fused") for g in optimizer.param_groups)
+            and not any(step_hooks) and not torch.is_autocast_enabled("cuda") and not torch.is_anomaly_enabled()
+            and not any(p._backward_hooks or getattr(p, "_post_accumulate_grad_hooks", None) for p in params)
             and all(getattr(m, "momentum", 0.0) is not None for m in model.modules()))
 
 
@@ -54,7 +61,8 @@ class GraphedStep:
         # One device scalar per parameter group: the graph reads the rate there, the scheduler keeps floats.
         self.lrs = [torch.tensor(float(g["lr"]), device=inputs.device) for g in optimizer.param_groups]
         self.graph: torch.cuda.CUDAGraph | None = None
-        self.captured_with: list[dict[str, object]] = []  # the optimizer's settings at capture
+        self.seen: list[dict[str, object]] = _settings(optimizer)  # the optimizer's settings at the last step
+        self.side = torch.cuda.Stream()
         self.eager_steps = 0
 
     def _step(self) -> None:
@@ -65,17 +73,22 @@ class GraphedStep:
     def __call__(self, idx: torch.Tensor) -> None:
         """One training step on the rows ``idx`` [batch] of the inputs."""
         self.idx.copy_(idx)
-        if self.eager_steps < WARMUP:
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
+        now = _settings(self.optimizer)
+        if self.eager_steps < WARMUP or now != self.seen:
+            # Warm-up, or a scheduler just moved momentum or weight decay, which a graph holds: an eager
+            # step, and a capture once the settings hold still (never while they move every step). Eager
+            # too the first step with momentum, which creates the buffers a capture must not see missing.
+            self.side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(self.side):
                 self._step()
-            torch.cuda.current_stream().wait_stream(side)
+            torch.cuda.current_stream().wait_stream(self.side)
             self.eager_steps += 1
+            if now != self.seen:
+                self.seen, self.graph = now, None
         else:
-            if self.graph is None or self.captured_with != _settings(self.optimizer):
-                self._capture()  # again if a scheduler moved momentum or weight decay: the graph holds them
-            for lr, group in zip(self.lrs, self.optimizer.param_groups):
+            if self.graph is None:
+                self._capture()
+            for lr, group in zip(self.lrs, self.optimizer.param_groups, strict=True):
                 lr.fill_(group["lr"])
             self.graph.replay()  # type: ignore[union-attr]
 
@@ -91,4 +104,4 @@ class GraphedStep:
         finally:
             for rate, group in zip(floats, self.optimizer.param_groups):
                 group["lr"] = rate
-        self.graph, self.captured_with = graph, _settings(self.optimizer)
+        self.graph = graph
