@@ -29,10 +29,9 @@ def run(data: str, workdir: Path, way: str) -> tuple[list[float], float, dict[st
     """Train the default recipe one way; return epoch seconds, final test accuracy and the weights."""
     epoch_fn, build = loop.train_one_epoch, loop.build_model
     try:
-        if way == "eager":
+        if way != "graph":
             loop.train_one_epoch = functools.partial(epoch_fn, cuda_graph=False)  # type: ignore[assignment]
-        elif way == "compile":
-            loop.train_one_epoch = functools.partial(epoch_fn, cuda_graph=False)  # type: ignore[assignment]
+        if way == "compile":
             loop.build_model = lambda arch: torch.compile(build(arch), mode="reduce-overhead")  # type: ignore[assignment]
         config = TrainConfig(data=data, device="cuda", out=str(workdir / f"{way}.pt"))
         metrics = loop.train(config, log=lambda line: print(f"  {way}: {line}", flush=True))

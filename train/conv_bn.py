@@ -17,6 +17,8 @@ is the data (``benchmarks/train_speed.py --breakdown`` times it against ``bn(con
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import numpy as np
 import torch
 from torch import nn
@@ -35,6 +37,11 @@ def hooked(*modules: nn.Module) -> bool:
     kinds = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
     return (any(getattr(nn.modules.module, name, None) for name in _GLOBAL_HOOKS)
             or any(getattr(m, kind, None) for m in modules for kind in kinds))
+
+
+def params_hooked(params: Iterable[torch.Tensor]) -> bool:
+    """Whether a gradient hook (``register_hook``, post-accumulate) waits on one of ``params``."""
+    return any(p._backward_hooks or getattr(p, "_post_accumulate_grad_hooks", None) for p in params)
 
 
 def applies(conv: nn.Module, bn: nn.Module, x: object, container: nn.Module | None = None) -> bool:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from bnpipe.train.conv_bn import hooked
+from bnpipe.train.conv_bn import hooked, params_hooked
 from bnpipe.train.step import train_step
 
 WARMUP = 3  # eager steps before capture: cuDNN and cuBLAS set up their handles and workspaces lazily
@@ -31,11 +31,10 @@ def applies(model: nn.Module, optimizer: torch.optim.Optimizer, inputs: torch.Te
 
     step_hooks = (optimizer._optimizer_step_pre_hooks, optimizer._optimizer_step_post_hooks,
                   optim_module._global_optimizer_pre_hooks, optim_module._global_optimizer_post_hooks)
-    params = [p for g in optimizer.param_groups for p in g["params"]]
     return (inputs.device.type == "cuda" and not distributed and not hooked(*model.modules())
             and type(optimizer) is torch.optim.SGD and all(g.get("fused") for g in optimizer.param_groups)
             and not any(step_hooks) and not torch.is_autocast_enabled("cuda") and not torch.is_anomaly_enabled()
-            and not any(p._backward_hooks or getattr(p, "_post_accumulate_grad_hooks", None) for p in params)
+            and not params_hooked(p for g in optimizer.param_groups for p in g["params"])
             and all(getattr(m, "momentum", 0.0) is not None for m in model.modules()))
 
 

@@ -55,8 +55,7 @@ def applies(model: nn.Module, x: torch.Tensor) -> bool:
     side2 = side1 // 2 + 2 * conv2.padding[1] - conv2.kernel_size[1] + 1
     return (model.training and bn2.training and bn2.affine and bn2.track_running_stats
             and all(p.requires_grad and p.dtype == torch.float32 and p.device.type == "cpu" and p.is_contiguous()
-                    and not p._backward_hooks and not getattr(p, "_post_accumulate_grad_hooks", None)
-                    for p in params)
+                    for p in params) and not conv_bn.params_hooked(params)
             and conv2.padding_mode == "zeros" and conv2.stride == (1, 1) and conv2.dilation == (1, 1)
             and conv2.groups == 1 and conv1.padding[0] == conv1.padding[1]
             and conv1.kernel_size[0] == conv1.kernel_size[1] and conv2.padding[0] == conv2.padding[1]
