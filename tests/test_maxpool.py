@@ -43,6 +43,16 @@ def test_layer_falls_back_where_the_fast_path_does_not_apply() -> None:
     assert pool.kernel_size == 2 and pool.stride == 2 and isinstance(pool, torch.nn.MaxPool2d)
 
 
+def test_inplace_relu_after_the_layer_as_after_max_pool2d() -> None:
+    x = torch.randn(2, 3, 8, 8)
+    a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ours = torch.nn.ReLU(inplace=True)(MaxPool2x2()(a))
+    ref = torch.nn.ReLU(inplace=True)(F.max_pool2d(b, 2))
+    ours.sum().backward()
+    ref.sum().backward()
+    assert torch.equal(ours, ref) and torch.equal(a.grad, b.grad)
+
+
 def test_gradcheck() -> None:
     x = torch.randn(2, 2, 4, 6, dtype=torch.float64, requires_grad=True)  # no ties: a smooth point
     assert torch.autograd.gradcheck(max_pool_2x2, (x,))

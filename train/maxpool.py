@@ -40,7 +40,10 @@ def pool_2x2(x: torch.Tensor, masks: bool) -> tuple[torch.Tensor, torch.Tensor |
     pairs = x.view(n * c * h, w // 2, 2)
     left, right = pairs[..., 0], pairs[..., 1]
     rows = torch.maximum(left, right).view(n * c * h // 2, 2, w // 2)  # [N*C*H/2, upper/lower, W/2]
-    pooled = torch.maximum(rows[:, 0], rows[:, 1]).view(n, c, h // 2, w // 2)
+    # Written into a tensor of its own shape rather than viewed into it: autograd forbids in-place ops
+    # (``nn.ReLU(inplace=True)``) on a view made inside a custom Function, and max_pool2d allows them.
+    pooled = x.new_empty(n, c, h // 2, w // 2)
+    torch.maximum(rows[:, 0], rows[:, 1], out=pooled.view(n * c * h // 2, w // 2))
     if not masks:
         return pooled, None, None
     return pooled, torch.gt(right, left).to(x.dtype), torch.gt(rows[:, 1], rows[:, 0]).to(x.dtype)
