@@ -22,7 +22,8 @@ no --limit-train) at least 99.0% test accuracy after 5 epochs, for that way and 
 --breakdown first times where a single-process step goes (forward, backward, optimizer, input,
 threads, the fixed cost of a step (one of 2 images), the step with its backward written out
 (`bnpipe.train.step`, as `bnpipe train` runs it) against autograd's, the fused first conv + BN
-against the stock modules, channels_last, evaluation, and glibc's allocator settings).
+against the stock modules, channels_last, the second conv's weight gradient three ways, evaluation,
+and glibc's allocator settings).
 """
 
 from __future__ import annotations
@@ -148,6 +149,25 @@ for label in ("glibc's defaults", "keep_freed_memory()"):
 """
 
 
+def wgrad_ways(batch: int) -> None:
+    """The second conv's weight gradient alone, three ways (`bnpipe.train.step` takes the channels_last one)."""
+    aten, cl = torch.ops.aten, torch.channels_last
+    h1, w, g = torch.randn(batch, 6, 14, 14), torch.randn(16, 6, 5, 5), torch.randn(batch, 16, 10, 10)
+
+    def backward(grad: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
+        return aten.convolution_backward(grad, inputs, w, None, [1, 1], [0, 0], [1, 1], False, [0, 0], 1,
+                                         [False, True, False])[1].contiguous()
+
+    ways = {"NCHW": lambda: backward(g, h1),
+            "forward conv of the transposed batch": lambda: F.conv2d(h1.transpose(0, 1), g.transpose(0, 1))
+            .transpose(0, 1).contiguous(),
+            "channels_last copies (copies included)": lambda: backward(g.contiguous(memory_format=cl),
+                                                                       h1.contiguous(memory_format=cl))}
+    times = {name: [_ms_per_step(fn, 200) for _ in range(5)] for name, fn in ways.items()}
+    print("  second conv weight gradient alone, ms: "
+          + ", ".join(f"{name} {statistics.median(t):.3f}" for name, t in times.items()), flush=True)
+
+
 def breakdown(root: Path, cfg: TrainConfig) -> None:
     """Where one single-process step of batch 64 goes, and what the evaluation pass costs."""
     x_all, y_all = load_mnist(root, train=True)
@@ -194,6 +214,7 @@ def breakdown(root: Path, cfg: TrainConfig) -> None:
         print(f"  {threads} thread(s), ms per step of {cfg.batch_size}: "
               + ", ".join(f"{k} {v:.2f}" for k, v in row.items()), flush=True)
     torch.set_num_threads(2)
+    wgrad_ways(cfg.batch_size)
     test_x, test_y = load_mnist(root, train=False)
     model = build_model(default_arch())
     t0 = time.perf_counter()

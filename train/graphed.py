@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from bnpipe.train.conv_bn import hooked, params_hooked
+from bnpipe.train.sgd import plain_fused_sgd
 from bnpipe.train.step import train_step
 
 WARMUP = 3  # eager steps before capture: cuDNN and cuBLAS set up their handles and workspaces lazily
@@ -27,13 +28,8 @@ def applies(model: nn.Module, optimizer: torch.optim.Optimizer, inputs: torch.Te
     A hook (on a module, a parameter or the optimizer) would run once, at capture, and never again;
     autocast and anomaly mode are not captured; a BN with ``momentum=None`` reads its batch count on the host.
     """
-    from torch.optim import optimizer as optim_module
-
-    step_hooks = (optimizer._optimizer_step_pre_hooks, optimizer._optimizer_step_post_hooks,
-                  optim_module._global_optimizer_pre_hooks, optim_module._global_optimizer_post_hooks)
     return (inputs.device.type == "cuda" and not distributed and not hooked(*model.modules())
-            and type(optimizer) is torch.optim.SGD and all(g.get("fused") for g in optimizer.param_groups)
-            and not any(step_hooks) and not torch.is_autocast_enabled("cuda") and not torch.is_anomaly_enabled()
+            and plain_fused_sgd(optimizer) and not torch.is_autocast_enabled("cuda") and not torch.is_anomaly_enabled()
             and not params_hooked(p for g in optimizer.param_groups for p in g["params"])
             and all(getattr(m, "momentum", 0.0) is not None for m in model.modules()))
 

@@ -26,6 +26,7 @@ from bnpipe.train.patch_stats import batch_patches
 from bnpipe.train.batchnorm import batch_momentum
 from bnpipe.train.maxpool import MaxPool2x2, pool_2x2, pool_windows, unpool_2x2, unpool_windows
 from bnpipe.train.model import BNConvNet
+from bnpipe.train.sgd import sgd_step
 
 aten = torch.ops.aten
 _LAYERS = (nn.Conv2d, nn.BatchNorm2d, MaxPool2x2, nn.ReLU, nn.Conv2d, nn.BatchNorm2d, MaxPool2x2, nn.ReLU)
@@ -163,6 +164,6 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tens
         logits = model(x)
         summed = F.cross_entropy(logits, y, reduction="sum")
         (summed * loss_scale).backward()
-    optimizer.step()
+    sgd_step(optimizer)
     loss_sum += summed.detach()
     correct += (logits.detach().argmax(1) == y).sum()

@@ -1,0 +1,72 @@
+"""A fused SGD step on the CPU without ``Optimizer.step``'s Python around the kernel.
+
+In a CPU training step of this net, ``optimizer.step()`` took 0.15 ms of 3.3 (timers around each line of
+the step), though its fused kernel updates only 5,000 numbers: the rest is the Python that wraps it
+(grad mode, hooks, profiling, grouping the tensors by device and dtype), which costs several times more
+between the step's large ops than it does alone. :func:`sgd_step` calls the same kernel,
+``torch._fused_sgd_``, with what ``SGD.step`` would pass it, so the parameters and momentum buffers are
+the same bit for bit (``tests/test_sgd.py``). Paired blocks of steps took 0.958x the time.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def plain_fused_sgd(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether ``optimizer`` is a ``torch.optim.SGD`` with ``fused=True`` in every group and no step hooks.
+
+    Args:
+        optimizer: The training's optimizer.
+
+    Returns:
+        True where the fused kernel alone is the whole step: no hook expects to run around it.
+    """
+    from torch.optim import optimizer as optim_module
+
+    hooks = (optimizer._optimizer_step_pre_hooks, optimizer._optimizer_step_post_hooks,
+             optim_module._global_optimizer_pre_hooks, optim_module._global_optimizer_post_hooks)
+    return (type(optimizer) is torch.optim.SGD and all(g.get("fused") for g in optimizer.param_groups)
+            and not any(hooks))
+
+
+def _direct(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether :func:`sgd_step` may call the kernel itself: a plain fused SGD on the CPU, past its first step.
+
+    The first step (no momentum buffers yet) and anything unusual go through ``optimizer.step()``: a
+    learning rate held in a tensor (a CUDA graph's capture), gradient scaling (``grad_scale``, ``found_inf``,
+    set by ``GradScaler``), a differentiable step, sparse or missing momentum buffers.
+    """
+    if not plain_fused_sgd(optimizer) or getattr(optimizer, "grad_scale", None) is not None \
+            or getattr(optimizer, "found_inf", None) is not None:
+        return False
+    for group in optimizer.param_groups:
+        if isinstance(group["lr"], torch.Tensor) or group.get("differentiable"):
+            return False
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            if p.device.type != "cpu" or p.grad.is_sparse:
+                return False
+            if group["momentum"] != 0 and optimizer.state[p].get("momentum_buffer") is None:
+                return False
+    return True
+
+
+def sgd_step(optimizer: torch.optim.Optimizer) -> None:
+    """``optimizer.step()``, with the fused kernel called directly where :func:`_direct` allows.
+
+    Args:
+        optimizer: The optimizer, its parameters' ``.grad`` set.
+    """
+    if not _direct(optimizer):
+        optimizer.step()
+        return
+    for group in optimizer.param_groups:
+        params = [p for p in group["params"] if p.grad is not None]
+        if not params:
+            continue
+        buffers = [optimizer.state[p]["momentum_buffer"] for p in params] if group["momentum"] != 0 else []
+        torch._fused_sgd_(params, [p.grad for p in params], buffers, weight_decay=group["weight_decay"],
+                          momentum=group["momentum"], lr=group["lr"], dampening=group["dampening"],
+                          nesterov=group["nesterov"], maximize=group["maximize"], is_first_step=False)
