@@ -74,9 +74,9 @@ def applies(conv: nn.Module, bn: nn.Module, x: object, container: nn.Module | No
             and not hooked(conv, bn, *([container] if container is not None else [])))
 
 
-def fold_batch_stats(w: torch.Tensor, b: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, mean_p: np.ndarray,
-                     cov_p: np.ndarray, shift: np.ndarray, eps: float
-                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, tuple[np.ndarray, ...]]:
+def fold_batch_stats(w: torch.Tensor, b: torch.Tensor | None, gamma: torch.Tensor, beta: torch.Tensor,
+                     mean_p: np.ndarray, cov_p: np.ndarray, shift: np.ndarray, eps: float
+                     ) -> tuple[torch.Tensor, torch.Tensor, np.ndarray, np.ndarray, tuple[np.ndarray, ...]]:
     """The conv weight and bias that give BN's training output, computed in float64.
 
     With ``r = 1/sqrt(var + eps)`` and ``s = gamma * r``, for patches shifted by ``k`` (their mean ``m``
@@ -85,11 +85,13 @@ def fold_batch_stats(w: torch.Tensor, b: torch.Tensor, gamma: torch.Tensor, beta
         mean = w m + b,  var = w^T S w,  w' = w s,  b' = beta + (b - mean) s + w' k
 
     The math is in numpy: on a few dozen numbers an op costs about 1 us there and 5 to 10 us in torch,
-    and a training step runs some 40 of them, forward and backward.
+    and a training step runs some 40 of them, forward and backward. The tensors are read through
+    ``.data`` rather than ``.detach()``, which goes through the dispatcher: in a training step, between
+    large ops, each dispatch costs several times what it does alone.
 
     Args:
         w: The conv weight [C_out, D], flattened.
-        b: The conv bias [C_out] (zeros for none).
+        b: The conv bias [C_out], or None for none.
         gamma: BN's weight [C_out].
         beta: BN's bias [C_out].
         mean_p: The patch mean [D].
@@ -99,10 +101,11 @@ def fold_batch_stats(w: torch.Tensor, b: torch.Tensor, gamma: torch.Tensor, beta
 
     Returns:
         w' [C_out, D] and b' [C_out] in ``w``'s dtype; the batch mean and biased variance [C_out] in
-        float64; and what :func:`fold_batch_stats_backward` takes.
+        float64 numpy; and what :func:`fold_batch_stats_backward` takes.
     """
-    w_np = w.detach().numpy()
-    w64, b64, g64, beta64 = (t.detach().numpy().astype(np.float64) for t in (w, b, gamma, beta))
+    w_np = w.data.numpy()
+    w64, g64, beta64 = (t.data.numpy().astype(np.float64) for t in (w, gamma, beta))
+    b64 = b.data.numpy().astype(np.float64) if b is not None else np.zeros(len(w64))
     mean = w64 @ mean_p + b64
     sw = w64 @ cov_p  # [C_out, D]: S w, per output channel (S is symmetric)
     var = np.maximum((sw * w64).sum(1), 0)  # biased, as BN normalizes with
@@ -110,12 +113,12 @@ def fold_batch_stats(w: torch.Tensor, b: torch.Tensor, gamma: torch.Tensor, beta
     scale = g64 * r
     weight = w64 * scale[:, None]
     bias = beta64 + (b64 - mean) * scale + weight @ shift
-    return (torch.from_numpy(weight.astype(w_np.dtype)), torch.from_numpy(bias.astype(w_np.dtype)),
-            torch.from_numpy(mean), torch.from_numpy(var), (w64, b64, mean, sw, r, scale, mean_p, shift))
+    return (torch.from_numpy(weight.astype(w_np.dtype)), torch.from_numpy(bias.astype(w_np.dtype)), mean, var,
+            (w64, b64, mean, sw, r, scale, mean_p, shift, w_np.dtype, b is not None))
 
 
-def fold_batch_stats_backward(saved: tuple[np.ndarray, ...], g_weight: torch.Tensor, g_bias: torch.Tensor,
-                              dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def fold_batch_stats_backward(saved: tuple[object, ...], g_weight: torch.Tensor, g_bias: torch.Tensor
+                              ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
     """The backward of :func:`fold_batch_stats`, in float64, for incoming gradients of ``w'`` and ``b'``.
 
     ::
@@ -128,19 +131,19 @@ def fold_batch_stats_backward(saved: tuple[np.ndarray, ...], g_weight: torch.Ten
         saved: What :func:`fold_batch_stats` returned for it.
         g_weight: The gradient of ``w'`` [C_out, D].
         g_bias: The gradient of ``b'`` [C_out].
-        dtype: The parameters' dtype, which the gradients take.
 
     Returns:
-        The gradients of ``w``, ``b``, ``gamma`` and ``beta``.
+        The gradients of ``w``, ``b`` (None for no bias), ``gamma`` and ``beta``, in the parameters' dtype.
     """
-    w64, b64, mean, sw, r, scale, mean_p, shift = saved
+    w64, b64, mean, sw, r, scale, mean_p, shift, dtype, has_bias = saved
     g_b = g_bias.numpy().astype(np.float64)
     g_weight64 = g_weight.numpy() + np.outer(g_b, shift)  # float64: w' also reaches b' through the shift
     g_scale = (g_weight64 * w64).sum(1) + g_b * (b64 - mean)
     g_var = g_scale * scale * r * r * -0.5
     g_w = g_weight64 * scale[:, None] - np.outer(g_b * scale, mean_p) + 2 * g_var[:, None] * sw
-    return (torch.from_numpy(g_w).to(dtype), torch.zeros(len(b64), dtype=dtype),
-            torch.from_numpy(g_scale * r).to(dtype), g_bias.to(dtype))
+    g_w_out = torch.from_numpy(g_w.astype(dtype))
+    g_b_conv = torch.zeros_like(g_w_out[:, 0]) if has_bias else None
+    return g_w_out, g_b_conv, torch.from_numpy((g_scale * r).astype(dtype)), g_bias  # g_bias: already in w's dtype
 
 
 class _FoldBatchStats(torch.autograd.Function):
@@ -153,27 +156,26 @@ class _FoldBatchStats(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: torch.autograd.function.FunctionCtx, w: torch.Tensor,  # type: ignore[override]
-                b: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, mean_p: np.ndarray,
+                b: torch.Tensor | None, gamma: torch.Tensor, beta: torch.Tensor, mean_p: np.ndarray,
                 cov_p: np.ndarray, shift: np.ndarray, eps: float
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         weight, bias, mean, var, saved = fold_batch_stats(w, b, gamma, beta, mean_p, cov_p, shift, eps)
         ctx.folded = saved  # type: ignore[attr-defined]  # numpy arrays, which autograd does not track
-        ctx.mark_non_differentiable(mean, var)
-        ctx.dtype = w.dtype  # type: ignore[attr-defined]
-        return weight, bias, mean, var
+        mean_t, var_t = torch.from_numpy(mean), torch.from_numpy(var)
+        ctx.mark_non_differentiable(mean_t, var_t)
+        return weight, bias, mean_t, var_t
 
     @staticmethod
     @once_differentiable
     def backward(ctx: torch.autograd.function.FunctionCtx, g_weight: torch.Tensor,  # type: ignore[override]
                  g_bias: torch.Tensor, _g_mean: torch.Tensor, _g_var: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        grads = fold_batch_stats_backward(ctx.folded, g_weight, g_bias, ctx.dtype)  # type: ignore[attr-defined]
+        grads = fold_batch_stats_backward(ctx.folded, g_weight, g_bias)  # type: ignore[attr-defined]
         return (*grads, None, None, None, None)
 
 
-def weight_and_bias(conv: nn.Conv2d) -> tuple[torch.Tensor, torch.Tensor]:
-    """The conv's weight flattened to [C_out, D] and its bias [C_out] (zeros for none), as the fold takes them."""
-    w = conv.weight.flatten(1)
-    return w, conv.bias if conv.bias is not None else w.new_zeros(w.shape[0])
+def weight_and_bias(conv: nn.Conv2d) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The conv's weight flattened to [C_out, D] and its bias [C_out] (None for none), as the fold takes them."""
+    return conv.weight.flatten(1), conv.bias
 
 
 def folded_conv(p: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
@@ -181,10 +183,11 @@ def folded_conv(p: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> to
     return torch.baddbmm(bias.view(1, -1, 1), weight.expand(p.shape[0], -1, -1), p)
 
 
-def record_batch(bn: nn.BatchNorm2d, mean: torch.Tensor, var: torch.Tensor, count: int) -> None:
-    """Count the batch and update ``bn``'s running statistics with its mean and biased variance, as BN does."""
+def record_batch(bn: nn.BatchNorm2d, mean: np.ndarray, var: np.ndarray, count: int) -> None:
+    """Count the batch and update ``bn``'s running statistics (on the CPU) with its mean and biased variance
+    [C_out] (numpy), as BN does."""
     bn.num_batches_tracked.add_(1)  # type: ignore[union-attr]
-    update_moving_stats(bn.running_mean, bn.running_var, mean, var, count,  # type: ignore[arg-type]
+    update_moving_stats(bn.running_mean.numpy(), bn.running_var.numpy(), mean, var, count,  # type: ignore[union-attr]
                         batch_momentum(bn.momentum, bn.num_batches_tracked))  # type: ignore[arg-type]
 
 
@@ -209,5 +212,5 @@ def conv_bn_train(x: torch.Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d) -> torch
     p, (ho, wo), mean_p, cov_p, shift_p = batch_patches(x, conv)
     w, b = weight_and_bias(conv)
     weight, bias, mean, var = _FoldBatchStats.apply(w, b, bn.weight, bn.bias, mean_p, cov_p, shift_p, bn.eps)
-    record_batch(bn, mean, var, n * ho * wo)
+    record_batch(bn, mean.numpy(), var.numpy(), n * ho * wo)
     return folded_conv(p, weight, bias).view(n, -1, ho, wo)

@@ -89,7 +89,7 @@ def forward_backward(model: BNConvNet, x: torch.Tensor, y: torch.Tensor,
     # Its output positions are ordered by pooling window, which the first pool takes as they are: the
     # layout never needs undoing, as the gradient of that output only meets the same patches again.
     p, (ho, wo), mean_p, cov_p, shift_p = batch_patches(x, conv1, windows=True)
-    w1, b1 = conv_bn.weight_and_bias(conv1)  # [6, 9], [6]
+    w1, b1 = conv_bn.weight_and_bias(conv1)  # [6, 9], and [6] or None
     weight, bias, mean, var, folded = conv_bn.fold_batch_stats(w1, b1, bn1.weight, bn1.bias, mean_p, cov_p,
                                                                shift_p, bn1.eps)
     conv_bn.record_batch(bn1, mean, var, n * ho * wo)
@@ -131,8 +131,7 @@ def forward_backward(model: BNConvNet, x: torch.Tensor, y: torch.Tensor,
                                   [0, 0], conv2.groups, [True, False, False])[0]  # [N, 6, 14, 14]
     g = unpool_windows(aten.threshold_backward(g, h1, 0).view(n, c1, -1), pool1).view(n, c1, -1)  # [N, 6, 784]
     # The folded conv's backward, as autograd's for baddbmm of the expanded weight, then the fold's.
-    grads = conv_bn.fold_batch_stats_backward(folded, torch.bmm(g, p.transpose(1, 2)).sum(0), g.sum((0, 2)),
-                                              w1.dtype)
+    grads = conv_bn.fold_batch_stats_backward(folded, torch.bmm(g, p.transpose(1, 2)).sum(0), g.sum((0, 2)))
     conv1.weight.grad = grads[0].view_as(conv1.weight)
     if conv1.bias is not None:
         conv1.bias.grad = grads[1]
