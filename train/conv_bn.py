@@ -187,8 +187,10 @@ def record_batch(bn: nn.BatchNorm2d, mean: np.ndarray, var: np.ndarray, count: i
     """Count the batch and update ``bn``'s running statistics (on the CPU) with its mean and biased variance
     [C_out] (numpy), as BN does."""
     bn.num_batches_tracked.add_(1)  # type: ignore[union-attr]
-    update_moving_stats(bn.running_mean.numpy(), bn.running_var.numpy(), mean, var, count,  # type: ignore[union-attr]
-                        batch_momentum(bn.momentum, bn.num_batches_tracked))  # type: ignore[arg-type]
+    # A diverging run's statistics overflow to inf as torch's do, silently: the loss check then stops it in one line.
+    with np.errstate(over="ignore", invalid="ignore"):
+        update_moving_stats(bn.running_mean.numpy(), bn.running_var.numpy(), mean, var, count,  # type: ignore[union-attr]
+                            batch_momentum(bn.momentum, bn.num_batches_tracked))  # type: ignore[arg-type]
 
 
 def conv_bn_train(x: torch.Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d) -> torch.Tensor:
