@@ -52,6 +52,7 @@ from bnpipe.train.data import load_mnist
 from bnpipe.train.loop import evaluate
 from bnpipe.train.model import build_model, default_arch
 from bnpipe.train.preprocess import Normalization
+from bnpipe.train.sgd import sgd_step
 
 TARGET, ACCURACY = 0.5, 0.99
 WAYS = {
@@ -202,7 +203,7 @@ def breakdown(root: Path, cfg: TrainConfig) -> None:
 
                 def written_out(images: torch.Tensor = xb, labels: torch.Tensor = y) -> None:
                     train_step.forward_backward(model, images, labels, 1 / images.shape[0])
-                    opt.step()
+                    sgd_step(opt)  # as train_step takes it
 
                 assert train_step.applies(model, xb)
                 row["step as bnpipe trains (backward written out)"] = _ms_per_step(written_out)
