@@ -194,7 +194,7 @@ def breakdown(root: Path, cfg: TrainConfig) -> None:
                 loss = F.cross_entropy(model(images), labels)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
-                opt.step()
+                sgd_step(opt)  # as train_step takes it (optimizer.step() where SGD is not fused)
 
             row[name] = _ms_per_step(step)
             if name == "step, autograd":

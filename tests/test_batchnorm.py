@@ -103,3 +103,12 @@ def test_moment_sums_of_parts_give_the_whole_batch_moments() -> None:
     mean_2d, var_2d, n_2d = moments_from_sums(moment_sums(x[:, :, 0, 0]))  # [N, C] input: one value per sample
     assert n_2d == 6 and torch.allclose(var_2d, x[:, :, 0, 0].var(dim=0, correction=0), rtol=0, atol=1e-12)
     assert torch.allclose(mean_2d, x[:, :, 0, 0].mean(dim=0), rtol=0, atol=1e-12)
+
+
+def test_low_precision_batch_updates_float32_statistics_in_float32() -> None:
+    """A bfloat16 batch's statistics are cast before the update, not multiplied by the momentum in bfloat16."""
+    x = (torch.randn(8, 3, 4, 4) + 1.2345678).bfloat16()
+    mean, var = torch.zeros(3), torch.ones(3)
+    batch_norm(x, None, None, mean, var, True, momentum=0.1)
+    batch_mean = x.float().mean((0, 2, 3)).bfloat16().float()  # bfloat16's own mean, then widened
+    assert torch.allclose(mean, 0.1 * batch_mean, rtol=1e-6, atol=0)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import copy
+import warnings
 
 import pytest
 import torch
@@ -80,3 +80,36 @@ def test_step_hooks_and_other_optimizers_take_optimizer_step() -> None:
     opt = torch.optim.SGD(params, lr=torch.tensor(0.1), momentum=0.9, fused=True)
     opt.step()
     assert not _direct(opt)  # a rate in a tensor: a CUDA graph's capture reads it there
+
+
+def test_no_momentum_with_a_scheduler_warns_nothing() -> None:
+    params = _params(3)
+    opt = torch.optim.SGD(params, lr=0.1, momentum=0.0, fused=True)  # no state: the kernel could run at once
+    scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 0.9 ** step)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # "lr_scheduler.step() before optimizer.step()" would raise
+        for step in range(3):
+            _set_grads(params, step)
+            sgd_step(opt)
+            scheduler.step()
+    assert _direct(opt)  # once the scheduler's wrapper has seen a step
+
+
+@pytest.mark.filterwarnings("ignore:Seems like `optimizer.step\\(\\)` has been overridden")  # torch's, on the wrapper
+def test_a_step_replaced_on_the_instance_is_called() -> None:
+    params = _params(4)
+    opt = torch.optim.SGD(params, lr=0.1, momentum=0.9, fused=True)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)  # its own wrapper, under the user's
+    calls = []
+    plain = opt.step
+
+    def wrapped(*args: object, **kwargs: object) -> None:
+        calls.append(1)
+        plain(*args, **kwargs)
+
+    opt.step = wrapped  # type: ignore[method-assign]
+    for step in range(3):
+        _set_grads(params, step)
+        sgd_step(opt)
+        scheduler.step()
+    assert len(calls) == 3

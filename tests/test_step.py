@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -152,3 +153,20 @@ def test_where_it_applies_and_where_autograd_takes_the_step() -> None:
     swapped = copy.deepcopy(net)
     swapped.features[5] = nn.BatchNorm2d(16, track_running_stats=False)
     assert not step.applies(swapped, x)
+
+
+@pytest.mark.parametrize("written_out", [True, False])
+def test_a_diverged_step_warns_nothing(written_out: bool) -> None:
+    """The numpy parts meet inf and NaN silently, as torch's ops do; the loop's loss check reports it once."""
+    net = _net()
+    with torch.no_grad():
+        net.features[0].weight.fill_(float("inf"))
+    x, y = _batch(8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        if written_out:
+            summed, _ = step.forward_backward(net, x, y, 1 / 8)
+        else:
+            summed = F.cross_entropy(net(x), y, reduction="sum")
+            summed.backward()
+    assert not torch.isfinite(summed)

@@ -121,7 +121,8 @@ def batch_norm(
         mean, var, n = (batch_stats or local_batch_stats)(x)
         if n <= 1:
             raise ValueError(f"batch_norm needs more than 1 value per channel when training, got shape {tuple(x.shape)}")
-        update_moving_stats(moving_mean, moving_var, mean.detach(), var.detach(), n, momentum)
+        update_moving_stats(moving_mean, moving_var, mean.detach().to(moving_mean.dtype),
+                            var.detach().to(moving_var.dtype), n, momentum)
     else:
         mean, var = moving_mean, moving_var
     y = (x - mean.reshape(shape)) * torch.rsqrt(var.reshape(shape) + eps)

@@ -27,6 +27,10 @@ from torch.autograd.function import once_differentiable
 from bnpipe.train.batchnorm import batch_momentum, update_moving_stats
 from bnpipe.train.patch_stats import batch_patches
 
+# The numpy parts of a step overflow to inf and NaN silently, as torch does: a diverging run then stops at
+# the loop's loss check with one line, not after a screen of numpy RuntimeWarnings. A decorator only: each
+# call then keeps its own state (``with QUIET`` could not nest).
+QUIET = np.errstate(all="ignore")
 MAX_PATCH = 32  # the covariance costs N * L * D^2: beyond a few dozen patch values a plain BN is cheaper
 _GLOBAL_HOOKS = ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
                  "_global_backward_pre_hooks")
@@ -68,6 +72,8 @@ def applies(conv: nn.Module, bn: nn.Module, x: object, container: nn.Module | No
             and not torch.compiler.is_compiling() and not torch.jit.is_tracing()
             and type(conv) is nn.Conv2d and type(bn) is nn.BatchNorm2d and bn.training and bn.affine
             and bn.track_running_stats and conv.weight.dtype == bn.weight.dtype == torch.float32
+            and bn.running_mean.dtype == bn.running_var.dtype == torch.float32  # updated as numpy views
+            and bn.running_mean.device.type == "cpu"
             and conv.stride == (1, 1) and conv.dilation == (1, 1) and conv.groups == 1
             and conv.padding_mode == "zeros" and isinstance(conv.padding, tuple)
             and conv.in_channels * conv.kernel_size[0] * conv.kernel_size[1] <= MAX_PATCH
@@ -167,6 +173,7 @@ class _FoldBatchStats(torch.autograd.Function):
 
     @staticmethod
     @once_differentiable
+    @QUIET
     def backward(ctx: torch.autograd.function.FunctionCtx, g_weight: torch.Tensor,  # type: ignore[override]
                  g_bias: torch.Tensor, _g_mean: torch.Tensor, _g_var: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         grads = fold_batch_stats_backward(ctx.folded, g_weight, g_bias)  # type: ignore[attr-defined]
@@ -187,12 +194,11 @@ def record_batch(bn: nn.BatchNorm2d, mean: np.ndarray, var: np.ndarray, count: i
     """Count the batch and update ``bn``'s running statistics (on the CPU) with its mean and biased variance
     [C_out] (numpy), as BN does."""
     bn.num_batches_tracked.add_(1)  # type: ignore[union-attr]
-    # A diverging run's statistics overflow to inf as torch's do, silently: the loss check then stops it in one line.
-    with np.errstate(over="ignore", invalid="ignore"):
-        update_moving_stats(bn.running_mean.numpy(), bn.running_var.numpy(), mean, var, count,  # type: ignore[union-attr]
-                            batch_momentum(bn.momentum, bn.num_batches_tracked))  # type: ignore[arg-type]
+    update_moving_stats(bn.running_mean.numpy(), bn.running_var.numpy(), mean, var, count,  # type: ignore[union-attr]
+                        batch_momentum(bn.momentum, bn.num_batches_tracked))  # type: ignore[arg-type]
 
 
+@QUIET
 def conv_bn_train(x: torch.Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d) -> torch.Tensor:
     """``bn(conv(x))`` in training mode, the running statistics updated as ``nn.BatchNorm2d`` does.
 

@@ -14,31 +14,35 @@ import torch
 
 
 def plain_fused_sgd(optimizer: torch.optim.Optimizer) -> bool:
-    """Whether ``optimizer`` is a ``torch.optim.SGD`` with ``fused=True`` in every group and no step hooks.
+    """Whether ``optimizer`` is a ``torch.optim.SGD`` with ``fused=True`` in every group, no step hooks and no
+    ``step`` of its own but an LR scheduler's wrapper (which only notes that the optimizer stepped).
 
     Args:
         optimizer: The training's optimizer.
 
     Returns:
-        True where the fused kernel alone is the whole step: no hook expects to run around it.
+        True where the fused kernel alone is the whole step: no hook or wrapper expects to run around it.
     """
     from torch.optim import optimizer as optim_module
 
     hooks = (optimizer._optimizer_step_pre_hooks, optimizer._optimizer_step_post_hooks,
              optim_module._global_optimizer_pre_hooks, optim_module._global_optimizer_post_hooks)
+    wrapper = vars(optimizer).get("step")
     return (type(optimizer) is torch.optim.SGD and all(g.get("fused") for g in optimizer.param_groups)
-            and not any(hooks))
+            and not any(hooks) and (wrapper is None or getattr(wrapper, "_wrapped_by_lr_sched", False)))
 
 
 def _direct(optimizer: torch.optim.Optimizer) -> bool:
-    """Whether :func:`sgd_step` may call the kernel itself: a plain fused SGD on the CPU, past its first step.
+    """Whether :func:`sgd_step` may call the kernel itself: a plain fused SGD on the CPU, its state made.
 
-    The first step (no momentum buffers yet) and anything unusual go through ``optimizer.step()``: a
-    learning rate held in a tensor (a CUDA graph's capture), gradient scaling (``grad_scale``, ``found_inf``,
-    set by ``GradScaler``), a differentiable step, sparse or missing momentum buffers.
+    ``optimizer.step()`` takes the steps that make state or that something must see: a step that creates
+    the momentum buffers, the first step after an LR scheduler wrapped ``step`` (so that it knows the
+    optimizer stepped before it), a learning rate held in a tensor (a CUDA graph's capture), gradient
+    scaling (``grad_scale``, ``found_inf``, set by ``GradScaler``), a differentiable step, sparse gradients.
     """
     if not plain_fused_sgd(optimizer) or getattr(optimizer, "grad_scale", None) is not None \
-            or getattr(optimizer, "found_inf", None) is not None:
+            or getattr(optimizer, "found_inf", None) is not None \
+            or ("step" in vars(optimizer) and not getattr(optimizer, "_opt_called", False)):
         return False
     for group in optimizer.param_groups:
         if isinstance(group["lr"], torch.Tensor) or group.get("differentiable"):

@@ -67,6 +67,7 @@ def applies(model: nn.Module, x: torch.Tensor) -> bool:
 
 
 @torch.no_grad()
+@conv_bn.QUIET
 def forward_backward(model: BNConvNet, x: torch.Tensor, y: torch.Tensor,
                      loss_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """The forward pass, summed cross-entropy and backward of ``model`` on one batch; see :func:`applies`.
