@@ -152,18 +152,13 @@ for label in ("glibc's defaults", "keep_freed_memory()"):
 
 def wgrad_ways(batch: int) -> None:
     """The second conv's weight gradient alone, three ways (`bnpipe.train.step` takes the channels_last one)."""
-    aten, cl = torch.ops.aten, torch.channels_last
-    h1, w, g = torch.randn(batch, 6, 14, 14), torch.randn(16, 6, 5, 5), torch.randn(batch, 16, 10, 10)
-
-    def backward(grad: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
-        return aten.convolution_backward(grad, inputs, w, None, [1, 1], [0, 0], [1, 1], False, [0, 0], 1,
-                                         [False, True, False])[1].contiguous()
-
-    ways = {"NCHW": lambda: backward(g, h1),
+    cl, conv = torch.channels_last, nn.Conv2d(6, 16, 5, bias=False)
+    h1, g = torch.randn(batch, 6, 14, 14), torch.randn(batch, 16, 10, 10)
+    ways = {"NCHW": lambda: train_step.conv_backward(g, h1, conv, weight=True).contiguous(),
             "forward conv of the transposed batch": lambda: F.conv2d(h1.transpose(0, 1), g.transpose(0, 1))
             .transpose(0, 1).contiguous(),
-            "channels_last copies (copies included)": lambda: backward(g.contiguous(memory_format=cl),
-                                                                       h1.contiguous(memory_format=cl))}
+            "channels_last copies (copies included)": lambda: train_step.conv_backward(
+                g.contiguous(memory_format=cl), h1.contiguous(memory_format=cl), conv, weight=True).contiguous()}
     times = {name: [_ms_per_step(fn, 200) for _ in range(5)] for name, fn in ways.items()}
     print("  second conv weight gradient alone, ms: "
           + ", ".join(f"{name} {statistics.median(t):.3f}" for name, t in times.items()), flush=True)

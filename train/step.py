@@ -123,13 +123,11 @@ def forward_backward(model: BNConvNet, x: torch.Tensor, y: torch.Tensor,
     # them (0.17 ms against 0.37 in NCHW, 0.32 as a forward conv of the transposed batch; the copies cost 0.06).
     # Contiguous, as the parameter: fused SGD walks a gradient's memory in the parameter's order.
     cl = torch.channels_last
-    conv2.weight.grad = aten.convolution_backward(
-        g.contiguous(memory_format=cl), h1.contiguous(memory_format=cl), conv2.weight, None, conv2.stride,
-        conv2.padding, conv2.dilation, False, [0, 0], conv2.groups, [False, True, False])[1].contiguous()
+    conv2.weight.grad = conv_backward(g.contiguous(memory_format=cl), h1.contiguous(memory_format=cl), conv2,
+                                      weight=True).contiguous()
     if conv2.bias is not None:
         conv2.bias.grad = g.sum((0, 2, 3))
-    g = aten.convolution_backward(g, h1, conv2.weight, None, conv2.stride, conv2.padding, conv2.dilation, False,
-                                  [0, 0], conv2.groups, [True, False, False])[0]  # [N, 6, 14, 14]
+    g = conv_backward(g, h1, conv2, weight=False)  # [N, 6, 14, 14]
     g = unpool_windows(aten.threshold_backward(g, h1, 0).view(n, c1, -1), pool1).view(n, c1, -1)  # [N, 6, 784]
     # The folded conv's backward, as autograd's for baddbmm of the expanded weight, then the fold's.
     grads = conv_bn.fold_batch_stats_backward(folded, torch.bmm(g, p.transpose(1, 2)).sum(0), g.sum((0, 2)))
@@ -138,6 +136,14 @@ def forward_backward(model: BNConvNet, x: torch.Tensor, y: torch.Tensor,
         conv1.bias.grad = grads[1]
     bn1.weight.grad, bn1.bias.grad = grads[2], grads[3]
     return summed, logits
+
+
+def conv_backward(grad: torch.Tensor, inputs: torch.Tensor, conv: nn.Conv2d, weight: bool) -> torch.Tensor:
+    """The gradient of ``conv``'s weight (``weight``) or of its ``inputs`` [N, C_in, H, W], from the gradient
+    ``grad`` [N, C_out, Ho, Wo] of its output: the aten op autograd's node calls, in the layout of its operands."""
+    grads = aten.convolution_backward(grad, inputs, conv.weight, None, conv.stride, conv.padding, conv.dilation,
+                                      False, [0, 0], conv.groups, [not weight, weight, False])
+    return grads[1] if weight else grads[0]
 
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
