@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import importlib
 import sys
+from typing import IO, Any
 
 import click
+from click.exceptions import NoArgsIsHelpError
 
 from bnpipe import __version__
 from bnpipe.errors import BnpipeError
@@ -24,6 +26,21 @@ COMMANDS: dict[str, str] = {
     "samples": "bnpipe.serve.samples:samples",
     "serve": "bnpipe.serve.server_cli:serve",
 }
+
+
+class UsageLine(click.UsageError):
+    """A usage error shown as one line: the command, what is wrong, and where its help is.
+
+    Click's own display is three lines (usage, a hint, then the error); a Unix tool says one.
+    """
+
+    def __init__(self, exc: click.UsageError) -> None:
+        super().__init__(exc.format_message(), exc.ctx)  # BadParameter and kin format their own text
+
+    def show(self, file: IO[Any] | None = None) -> None:
+        """Write ``bnpipe CMD: error: MESSAGE (see 'bnpipe CMD --help')`` to stderr."""
+        path = self.ctx.command_path if self.ctx is not None else "bnpipe"
+        click.echo(f"{path}: error: {self.message.rstrip('.')} (see '{path} --help')", file=file, err=True)
 
 
 class LazyGroup(click.Group):
@@ -41,11 +58,25 @@ class LazyGroup(click.Group):
         module_name, attr = target.split(":")
         return getattr(importlib.import_module(module_name), attr)
 
+    def make_context(self, info_name: str | None, args: list[str], parent: click.Context | None = None,
+                     **extra: Any) -> click.Context:
+        """Parse the group's own options; a usage error there is one line."""
+        try:
+            return super().make_context(info_name, args, parent, **extra)
+        except (UsageLine, NoArgsIsHelpError):  # the latter is the help itself, asked for by no arguments
+            raise
+        except click.UsageError as exc:
+            raise UsageLine(exc) from None
+
     def invoke(self, ctx: click.Context) -> object:
-        """Run the command; turn a ``BnpipeError`` into one line on stderr and its exit code."""
+        """Run the command; a usage error or a ``BnpipeError`` is one line on stderr and an exit code."""
         # Library code raises BnpipeError for bad input; the user gets one line, never a traceback.
         try:
             return super().invoke(ctx)
+        except (UsageLine, NoArgsIsHelpError):  # the latter is the help itself, asked for by no arguments
+            raise
+        except click.UsageError as exc:
+            raise UsageLine(exc) from None
         except BnpipeError as exc:
             click.echo(f"bnpipe: error: {exc}", err=True)
             ctx.exit(exc.exit_code)

@@ -29,6 +29,27 @@ def test_cpu_onnxruntime_is_not_installed_next_to_the_gpu_build() -> None:
         metadata.version("onnxruntime")  # both ship the same module; the CUDA provider then breaks
 
 
-def test_unknown_command_is_a_usage_error() -> None:
-    result = CliRunner().invoke(cli, ["frobnicate"])
-    assert result.exit_code == 2 and "No such command" in result.output
+@pytest.mark.parametrize(("args", "command", "named"), [
+    (["frobnicate"], "bnpipe", "No such command 'frobnicate'"),
+    (["--bogus"], "bnpipe", "No such option '--bogus'"),
+    (["train", "--epochs", "0"], "bnpipe train", "'--epochs': 0 is not in the range"),
+    (["predict", "--device", "gpu", "x.png"], "bnpipe predict", "'--device': 'gpu' is not one of"),
+    (["fold", "in.onnx"], "bnpipe fold", "Missing argument 'OUT.onnx'"),
+])
+def test_usage_error_is_one_line_naming_the_thing(args: list[str], command: str, named: str) -> None:
+    result = CliRunner().invoke(cli, args, prog_name="bnpipe")
+    assert result.exit_code == 2 and result.stdout == ""
+    [line] = result.stderr.splitlines()
+    assert line.startswith(f"{command}: error: ") and named in line and line.endswith(f"(see '{command} --help')")
+
+
+def test_console_script_usage_error_is_one_line() -> None:
+    out = subprocess.run([sys.executable, "-m", "bnpipe", "train", "--epochs", "0"], capture_output=True, text=True)
+    assert out.returncode == 2 and out.stdout == ""
+    assert out.stderr == ("bnpipe train: error: Invalid value for '--epochs': 0 is not in the range x>=1 "
+                          "(see 'bnpipe train --help')\n")
+
+
+def test_no_arguments_still_show_the_help() -> None:
+    result = CliRunner().invoke(cli, [], prog_name="bnpipe")
+    assert result.exit_code == 2 and "Commands:" in result.output and "train" in result.output
