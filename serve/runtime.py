@@ -26,6 +26,12 @@ EXPECTED_LAYOUT = input_layout()
 # cuDNN's default EXHAUSTIVE search benchmarks every conv algorithm on the first run (seconds);
 # TF32 (on by default on Ampere and later) would round the convs' inputs to 10 mantissa bits.
 CUDA_OPTIONS = {"device_id": "0", "cudnn_conv_algo_search": "HEURISTIC", "use_tf32": "0"}
+# Below this many rows a CPU batch runs as fast on one intra-op thread as on several, and always on
+# less CPU: without spinning, every parallel op wakes the other threads for microseconds of work.
+# 2 CPUs, three runs of benchmarks/ort_threads.py, wall time of one thread over two: 0.61-0.62 at
+# 1 row, 0.74-0.77 at 8, 0.82-1.01 at 16, 0.90-1.35 at 32, 0.99-1.45 at 64, 1.15-1.18 at 128;
+# CPU time of one thread over two 0.5-0.7 at every size.
+PARALLEL_ROWS = 64
 
 
 def plan_providers(device: str, available: Sequence[str], gpu_count: int) -> list[str]:
@@ -135,6 +141,7 @@ class Model:
     labels: list[str]
     metadata: dict[str, str]
     provider: str
+    small: Any = None  # a one-thread session for batches under PARALLEL_ROWS rows (CPU, several threads)
 
     @classmethod
     def load(cls, path: str, device: str = "auto", verbose: bool = False, threads: int | None = None) -> Model:
@@ -144,7 +151,8 @@ class Model:
             path: The ONNX file.
             device: ``auto``, ``cuda`` or ``cpu`` (see `plan_providers`).
             verbose: Let onnxruntime log warnings (a CUDA provider that fails to start says why).
-            threads: Intra-op threads on the CPU; None takes `intra_op_threads`.
+            threads: Intra-op threads on the CPU for batches of `PARALLEL_ROWS` rows or more (smaller
+                ones run on one); None takes `intra_op_threads`.
 
         Raises:
             BnpipeError: the model is missing, not ONNX, corrupt, or breaks the contract, or the
@@ -161,24 +169,31 @@ class Model:
         if CUDA in providers:
             cuda.preload_cuda_libraries()
         ort.set_default_logger_severity(2 if verbose else 4)  # a CUDA start failure is reported by us
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.intra_op_num_threads = threads or intra_op_threads()
-        options.inter_op_num_threads = 1  # the graph is a chain: nothing runs side by side
-        options.log_severity_level = 2 if verbose else 4
-        # Idle ORT threads would spin and take the cores that decode images between batches.
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        provider_options = [CUDA_OPTIONS if p == CUDA else {} for p in providers]
-        try:
-            session = ort.InferenceSession(path, sess_options=options, providers=providers,
-                                           provider_options=provider_options)
-        except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own Fail/InvalidGraph types
-            raise BnpipeError(f"{path}: not a usable ONNX model ({one_line(exc)})") from None
+        threads = threads or intra_op_threads()
+
+        def open_session(intra_op: int, providers: list[str]) -> Any:
+            options = ort.SessionOptions()
+            options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+            options.intra_op_num_threads = intra_op
+            options.inter_op_num_threads = 1  # the graph is a chain: nothing runs side by side
+            options.log_severity_level = 2 if verbose else 4
+            # Idle ORT threads would spin and take the cores that decode images between batches.
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+            provider_options = [CUDA_OPTIONS if p == CUDA else {} for p in providers]
+            try:
+                return ort.InferenceSession(path, sess_options=options, providers=providers,
+                                            provider_options=provider_options)
+            except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own Fail/InvalidGraph types
+                raise BnpipeError(f"{path}: not a usable ONNX model ({one_line(exc)})") from None
+
+        session = open_session(threads, providers)
         provider = provider_that_ran(device, session.get_providers())
         metadata = dict(session.get_modelmeta().custom_metadata_map)
         labels = check_contract(path, [(a.name, a.type, a.shape) for a in session.get_inputs()],
                                 [(a.name, a.type, a.shape) for a in session.get_outputs()], metadata)
-        return cls(path, session, labels, metadata, provider)
+        # Made now, from the same file, so both sessions hold the same model (~2 ms).
+        small = open_session(1, [CPU]) if provider == CPU and threads > 1 else None
+        return cls(path, session, labels, metadata, provider, small)
 
     def logits(self, pixels: np.ndarray) -> np.ndarray:
         """Run one batch: ``pixels`` [N, 1, 28, 28] uint8 -> logits [N, classes] float32."""
@@ -189,7 +204,8 @@ class Model:
             binding.bind_output(OUTPUT_NAME, "cpu")
             self.session.run_with_iobinding(binding)
             return binding.copy_outputs_to_cpu()[0]
-        return self.session.run([OUTPUT_NAME], {INPUT_NAME: pixels})[0]
+        session = self.small if self.small is not None and len(pixels) < PARALLEL_ROWS else self.session
+        return session.run([OUTPUT_NAME], {INPUT_NAME: pixels})[0]
 
 
 class FixedRows:

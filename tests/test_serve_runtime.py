@@ -13,7 +13,8 @@ import pytest
 
 from bnpipe.errors import BnpipeError
 from bnpipe.serve import cuda
-from bnpipe.serve.runtime import CPU, CUDA, FixedRows, Model, check_contract, plan_providers, provider_that_ran
+from bnpipe.serve.runtime import (CPU, CUDA, PARALLEL_ROWS, FixedRows, Model, check_contract, plan_providers,
+                                  provider_that_ran)
 from tests.test_serve_support import LABELS, LAYOUT, build_model, linear_reference
 
 ALL = ["TensorrtExecutionProvider", CUDA, CPU]
@@ -244,3 +245,34 @@ def test_session_options(tmp_path: Path) -> None:
     options = model.session.get_session_options()
     assert options.graph_optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     assert 1 <= options.intra_op_num_threads <= max(1, min(4, os.cpu_count() or 1))
+
+
+def test_small_batches_run_on_one_thread_and_large_ones_on_all(tmp_path: Path) -> None:
+    path = str(build_model(tmp_path / "m.onnx"))
+    model = Model.load(path, "cpu", threads=2)
+    assert model.session.get_session_options().intra_op_num_threads == 2
+    assert model.small.get_session_options().intra_op_num_threads == 1
+    ran: list[str] = []
+
+    class Spy:
+        def __init__(self, name: str, session: object) -> None:
+            self.name, self.session = name, session
+
+        def run(self, *args: object) -> object:
+            ran.append(self.name)
+            return self.session.run(*args)  # type: ignore[attr-defined]
+
+    model.session, model.small = Spy("all", model.session), Spy("one", model.small)
+    for n in (1, PARALLEL_ROWS - 1, PARALLEL_ROWS, 3 * PARALLEL_ROWS):
+        assert model.logits(np.zeros((n, 1, 28, 28), np.uint8)).shape == (n, len(LABELS))
+    assert ran == ["one", "one", "all", "all"]
+    assert Model.load(path, "cpu", threads=1).small is None  # one thread: one session
+
+
+def test_thread_count_changes_no_bit_of_a_row(exported_models: dict[str, Path]) -> None:
+    """The batcher's promise: a request's rows are the same merged into a large batch or run alone."""
+    model = Model.load(str(exported_models["onnx_folded"]), "cpu", threads=2)
+    pixels = np.random.default_rng(0).integers(0, 256, (3 * PARALLEL_ROWS, 1, 28, 28), dtype=np.uint8)
+    alone = np.concatenate([model.logits(pixels[i:i + 1]) for i in range(len(pixels))])  # one thread
+    np.testing.assert_array_equal(model.logits(pixels), alone)  # two threads
+    np.testing.assert_array_equal(model.logits(pixels[:PARALLEL_ROWS - 1]), alone[:PARALLEL_ROWS - 1])
