@@ -55,9 +55,11 @@ def test_one_session_run_per_batch(tmp_path: Path, model: str, monkeypatch: pyte
 
     def counted(cls: type, *args: Any, **kwargs: Any) -> Model:
         loaded = load(*args, **kwargs)
-        for name in ("run", "run_with_iobinding"):  # the CPU path, and the CUDA path
-            real = getattr(loaded.session, name)
-            setattr(loaded.session, name, lambda *a, _real=real, **k: (calls.append(1), _real(*a, **k))[1])
+        # the CPU path, and the CUDA path; a small batch runs on the one-thread session
+        for session in filter(None, (loaded.session, loaded.small)):
+            for name in ("run", "run_with_iobinding"):
+                real = getattr(session, name)
+                setattr(session, name, lambda *a, _real=real, **k: (calls.append(1), _real(*a, **k))[1])
         return loaded
 
     monkeypatch.setattr(Model, "load", classmethod(counted))
