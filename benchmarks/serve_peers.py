@@ -4,10 +4,11 @@
 (uvloop, httptools: bnpipe serve's stack) that parses the V2 request (JSON header, binary tensor)
 and answers fixed bytes, running no model.
 
-``.venv-pytriton/bin/python serve_peers.py triton MODEL PORT THREADS DEVICE``: NVIDIA Triton
+``.venv-pytriton/bin/python serve_peers.py triton MODEL PORT THREADS DEVICE PARALLEL_ROWS``: NVIDIA Triton
 Inference Server from the pip package nvidia-pytriton (its own venv: it pins numpy<2), serving MODEL
 through an onnxruntime session (CUDA when DEVICE is cuda, else the CPU) in its bound Python callable, with dynamic batching (max batch 256,
-500 us queue delay, as bnpipe serve's defaults). HTTP on PORT, gRPC on PORT+1, metrics on PORT+2.
+500 us queue delay, as bnpipe serve's defaults). As bnpipe's `Model` does on the CPU, a batch under
+PARALLEL_ROWS rows runs on a second, one-thread session. HTTP on PORT, gRPC on PORT+1, metrics on PORT+2.
 """
 
 from __future__ import annotations
@@ -47,23 +48,27 @@ def bare(port: int) -> None:
                 access_log=False)
 
 
-def triton(model: str, port: int, threads: int, device: str) -> None:
+def triton(model: str, port: int, threads: int, device: str, parallel_rows: int) -> None:
     import numpy as np
     import onnxruntime as ort
     from pytriton.decorators import batch
     from pytriton.model_config import DynamicBatcher, ModelConfig, Tensor
     from pytriton.triton import Triton, TritonConfig
 
-    options = ort.SessionOptions()  # as bnpipe's Model.load on the CPU
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device == "cuda" else ["CPUExecutionProvider"]
-    session = ort.InferenceSession(model, options, providers=providers)
+    def open_session(intra_op: int, providers: list[str]) -> ort.InferenceSession:
+        options = ort.SessionOptions()  # as bnpipe's Model.load
+        options.intra_op_num_threads = intra_op
+        options.inter_op_num_threads = 1
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        return ort.InferenceSession(model, options, providers=providers)
+
+    cpu = ["CPUExecutionProvider"]
+    session = open_session(threads, ["CUDAExecutionProvider", *cpu] if device == "cuda" else cpu)
+    small = open_session(1, cpu) if device != "cuda" and threads > 1 else session
 
     @batch
     def infer(pixels: np.ndarray) -> dict[str, np.ndarray]:
-        return {"logits": session.run(["logits"], {"pixels": pixels})[0]}
+        return {"logits": (small if len(pixels) < parallel_rows else session).run(["logits"], {"pixels": pixels})[0]}
 
     config = TritonConfig(http_address="127.0.0.1", http_port=port, grpc_address="127.0.0.1", grpc_port=port + 1,
                           metrics_port=port + 2, log_verbose=0)
@@ -80,4 +85,4 @@ if __name__ == "__main__":
     if sys.argv[1] == "bare":
         bare(int(sys.argv[2]))
     else:
-        triton(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5] if len(sys.argv) > 5 else "cpu")
+        triton(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5], int(sys.argv[6]))

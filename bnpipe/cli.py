@@ -7,8 +7,10 @@ importing torch.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import sys
+from collections.abc import Iterator
 from typing import IO, Any
 
 import click
@@ -40,7 +42,18 @@ class UsageLine(click.UsageError):
     def show(self, file: IO[Any] | None = None) -> None:
         """Write ``bnpipe CMD: error: MESSAGE (see 'bnpipe CMD --help')`` to stderr."""
         path = self.ctx.command_path if self.ctx is not None else "bnpipe"
-        click.echo(f"{path}: error: {self.message.rstrip('.')} (see '{path} --help')", file=file, err=True)
+        click.echo(f"{path}: error: {self.message.removesuffix('.')} (see '{path} --help')", file=file, err=True)
+
+
+@contextlib.contextmanager
+def usage_line() -> Iterator[None]:
+    """Turn a click usage error raised inside into `UsageLine`."""
+    try:
+        yield
+    except (UsageLine, NoArgsIsHelpError):  # the latter is the help itself, asked for by no arguments
+        raise
+    except click.UsageError as exc:
+        raise UsageLine(exc) from None
 
 
 class LazyGroup(click.Group):
@@ -61,22 +74,15 @@ class LazyGroup(click.Group):
     def make_context(self, info_name: str | None, args: list[str], parent: click.Context | None = None,
                      **extra: Any) -> click.Context:
         """Parse the group's own options; a usage error there is one line."""
-        try:
+        with usage_line():
             return super().make_context(info_name, args, parent, **extra)
-        except (UsageLine, NoArgsIsHelpError):  # the latter is the help itself, asked for by no arguments
-            raise
-        except click.UsageError as exc:
-            raise UsageLine(exc) from None
 
     def invoke(self, ctx: click.Context) -> object:
         """Run the command; a usage error or a ``BnpipeError`` is one line on stderr and an exit code."""
         # Library code raises BnpipeError for bad input; the user gets one line, never a traceback.
         try:
-            return super().invoke(ctx)
-        except (UsageLine, NoArgsIsHelpError):  # the latter is the help itself, asked for by no arguments
-            raise
-        except click.UsageError as exc:
-            raise UsageLine(exc) from None
+            with usage_line():  # a subcommand's own options, and an unknown command
+                return super().invoke(ctx)
         except BnpipeError as exc:
             click.echo(f"bnpipe: error: {exc}", err=True)
             ctx.exit(exc.exit_code)

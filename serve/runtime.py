@@ -26,11 +26,12 @@ EXPECTED_LAYOUT = input_layout()
 # cuDNN's default EXHAUSTIVE search benchmarks every conv algorithm on the first run (seconds);
 # TF32 (on by default on Ampere and later) would round the convs' inputs to 10 mantissa bits.
 CUDA_OPTIONS = {"device_id": "0", "cudnn_conv_algo_search": "HEURISTIC", "use_tf32": "0"}
-# Below this many rows a CPU batch runs as fast on one intra-op thread as on several, and always on
-# less CPU: without spinning, every parallel op wakes the other threads for microseconds of work.
-# 2 CPUs, three runs of benchmarks/ort_threads.py, wall time of one thread over two: 0.61-0.62 at
-# 1 row, 0.74-0.77 at 8, 0.82-1.01 at 16, 0.90-1.35 at 32, 0.99-1.45 at 64, 1.15-1.18 at 128;
-# CPU time of one thread over two 0.5-0.7 at every size.
+# Batches under this many rows run on one intra-op thread. Without spinning, every parallel op
+# wakes the other threads for microseconds of work, so one thread costs 0.5-0.7x the CPU time of two
+# at every size, and up to 16 rows it is faster too. 2 CPUs, three runs of benchmarks/ort_threads.py,
+# wall time of one thread over two: 0.61-0.62 at 1 row, 0.74-0.77 at 8, 0.82-1.01 at 16, 0.90-1.35
+# at 32, 0.99-1.45 at 64, 1.15-1.18 at 128. A server's batches grow under load, when CPU is what
+# runs short; from 64 rows the threads' wall time pays. 3-4 threads are not measured here.
 PARALLEL_ROWS = 64
 
 
@@ -134,7 +135,11 @@ def intra_op_threads() -> int:
 
 @dataclass
 class Model:
-    """A loaded model: the session, its labels and metadata, and the provider that runs it."""
+    """A loaded model: its sessions, labels and metadata, and the provider that runs it.
+
+    ``session`` has the intra-op threads asked for and reads the model's metadata; on the CPU with
+    several threads, ``small`` (one thread) runs the batches under `PARALLEL_ROWS` rows.
+    """
 
     path: str
     session: Any  # onnxruntime.InferenceSession

@@ -155,7 +155,8 @@ def _have(module: str, fallback: str) -> str:
 @click.option("--max-queue", type=click.IntRange(min=1), default=1024, show_default=True,
               help="Images waiting, at most; past it requests get 503.")
 @click.option("--threads", type=click.IntRange(min=0), default=0, show_default=True,
-              help="onnxruntime intra-op threads on the CPU; 0: one per usable CPU, at most 4.")
+              help="onnxruntime intra-op threads on the CPU for batches of 64 images or more (smaller ones "
+                   "run on one); 0: one per usable CPU, at most 4.")
 @click.option("--max-body-bytes", type=click.IntRange(min=1), default=64 << 20, show_default=True,
               help="Largest request body, before and after inflating; past it 413.")
 def serve(model_path: str, host: str, port: int, device: str, name: str | None, max_batch_size: int,

@@ -52,4 +52,5 @@ def test_console_script_usage_error_is_one_line() -> None:
 
 def test_no_arguments_still_show_the_help() -> None:
     result = CliRunner().invoke(cli, [], prog_name="bnpipe")
-    assert result.exit_code == 2 and "Commands:" in result.output and "train" in result.output
+    assert result.exit_code == 2 and result.stderr.startswith("Usage: bnpipe [OPTIONS] COMMAND")
+    assert "Commands:" in result.stderr and ": error:" not in result.stderr

@@ -269,9 +269,12 @@ def test_small_batches_run_on_one_thread_and_large_ones_on_all(tmp_path: Path) -
     assert Model.load(path, "cpu", threads=1).small is None  # one thread: one session
 
 
-def test_thread_count_changes_no_bit_of_a_row(exported_models: dict[str, Path]) -> None:
+@pytest.mark.parametrize("threads", [2, 3, 4])
+@pytest.mark.parametrize("export", ["onnx_folded", "onnx_unfolded"])
+def test_thread_count_changes_no_bit_of_a_row(exported_models: dict[str, Path], export: str, threads: int) -> None:
     """The batcher's promise: a request's rows are the same merged into a large batch or run alone."""
-    model = Model.load(str(exported_models["onnx_folded"]), "cpu", threads=2)
+    model = Model.load(str(exported_models[export]), "cpu", threads=threads)
+    assert model.session.get_session_options().intra_op_num_threads == threads
     pixels = np.random.default_rng(0).integers(0, 256, (3 * PARALLEL_ROWS, 1, 28, 28), dtype=np.uint8)
     alone = np.concatenate([model.logits(pixels[i:i + 1]) for i in range(len(pixels))])  # one thread
     np.testing.assert_array_equal(model.logits(pixels), alone)  # two threads
