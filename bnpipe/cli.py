@@ -31,7 +31,7 @@ COMMANDS: dict[str, str] = {
 
 
 class UsageLine(click.UsageError):
-    """A usage error shown as one line: the command, what is wrong, and where its help is.
+    """A usage error shown as one line, as bnpipe's other errors: what is wrong, and the command's help.
 
     Click's own display is three lines (usage, a hint, then the error); a Unix tool says one.
     """
@@ -40,9 +40,9 @@ class UsageLine(click.UsageError):
         super().__init__(exc.format_message(), exc.ctx)  # BadParameter and kin format their own text
 
     def show(self, file: IO[Any] | None = None) -> None:
-        """Write ``bnpipe CMD: error: MESSAGE (see 'bnpipe CMD --help')`` to stderr."""
+        """Write ``bnpipe: error: MESSAGE (see 'bnpipe CMD --help')`` to stderr."""
         path = self.ctx.command_path if self.ctx is not None else "bnpipe"
-        click.echo(f"{path}: error: {self.message.removesuffix('.')} (see '{path} --help')", file=file, err=True)
+        click.echo(f"bnpipe: error: {self.message.removesuffix('.')} (see '{path} --help')", file=file, err=True)
 
 
 @contextlib.contextmanager

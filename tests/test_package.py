@@ -40,13 +40,13 @@ def test_usage_error_is_one_line_naming_the_thing(args: list[str], command: str,
     result = CliRunner().invoke(cli, args, prog_name="bnpipe")
     assert result.exit_code == 2 and result.stdout == ""
     [line] = result.stderr.splitlines()
-    assert line.startswith(f"{command}: error: ") and named in line and line.endswith(f"(see '{command} --help')")
+    assert line.startswith("bnpipe: error: ") and named in line and line.endswith(f"(see '{command} --help')")
 
 
 def test_console_script_usage_error_is_one_line() -> None:
     out = subprocess.run([sys.executable, "-m", "bnpipe", "train", "--epochs", "0"], capture_output=True, text=True)
     assert out.returncode == 2 and out.stdout == ""
-    assert out.stderr == ("bnpipe train: error: Invalid value for '--epochs': 0 is not in the range x>=1 "
+    assert out.stderr == ("bnpipe: error: Invalid value for '--epochs': 0 is not in the range x>=1 "
                           "(see 'bnpipe train --help')\n")
 
 
