@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 from pathlib import Path
 
 import numpy as np
@@ -184,3 +185,49 @@ def test_newer_opsets(tmp_path: Path, opset: int) -> None:
     report, folded = fold_file(model, tmp_path, strict=True)
     assert report.folded == [("layer", "bn")] and ops(folded) == {"Conv": 1}
     assert_same_outputs(model, folded, {"x": (2, 4, 5)})
+
+
+def test_readers_and_writers_stay_true_to_the_graph_across_folds(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fold keeps its index of readers and writers up to date instead of recounting it for each BN.
+
+    At every BN the index must equal a fresh count over the graph without the BNs folded so far.
+    """
+    from bnpipe.export import onnx_fold
+
+    rng = np.random.default_rng(5)
+    inits = {"w1": rng.standard_normal((6, 4, 3, 3)).astype(np.float32), "b1": rng.standard_normal(6).astype(np.float32),
+             "w2": rng.standard_normal((6, 4, 1, 1)).astype(np.float32), "w3": rng.standard_normal((5, 6)).astype(np.float32),
+             "b3": rng.standard_normal(6).astype(np.float32),
+             **with_bn("bn1", 6), **with_bn("bn1b", 6, 1), **with_bn("bn2", 6, 2), **with_bn("bn3", 6, 3)}  # fmt: skip
+    nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["h1"], name="c1"), bn_node("h1", "y1", "bn1"),
+             bn_node("y1", "z1", "bn1b"),  # left: its producer's weight is the first fold's new one
+             helper.make_node("Conv", ["x", "w2"], ["h2"], name="c2"), bn_node("h2", "y2", "bn2"),
+             helper.make_node("Relu", ["h2"], ["r2"]),  # bn2 is left: its input is read twice
+             helper.make_node("MatMul", ["a", "w3"], ["m"], name="mm"), helper.make_node("Add", ["m", "b3"], ["h3"]),
+             bn_node("h3", "y3", "bn3")]  # fmt: skip
+    model = onnx.shape_inference.infer_shapes(make_model(nodes, {"x": [1, 4, 5, 5], "a": [3, 5]}, ["z1", "y2", "r2", "y3"], inits))
+    assert {"h1", "h2", "h3"} <= {v.name for v in model.graph.value_info}
+    graph, checked = model.graph, []
+    plan = onnx_fold._plan
+
+    def check_then_plan(bn: onnx.NodeProto, producers: dict, uses: object, *rest: object) -> object:
+        live = [n for n in graph.node if n.op_type != "BatchNormalization" or producers.get(n.output[0]) is n]
+        fresh = collections.Counter(o.name for o in graph.output)
+        for node in live:
+            fresh.update(name for name in node.input if name)
+        assert +uses == fresh, bn.name  # type: ignore[operator]
+        assert {k: id(v) for k, v in producers.items()} == {o: id(n) for n in live for o in n.output if o}, bn.name
+        checked.append(bn.name)
+        return plan(bn, producers, uses, *rest)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(onnx_fold, "_plan", check_then_plan)
+    original = onnx.ModelProto.FromString(model.SerializeToString())
+    result = onnx_fold.fold_graph(model)
+    assert checked == ["bn1", "bn1b", "bn2", "bn3"]
+    assert result.folded == [("c1", "bn1"), ("mm", "bn3")] and set(result.left) == {"bn1b", "bn2"}
+    assert ops(model) == {"Conv": 2, "BatchNormalization": 2, "Relu": 1, "MatMul": 1, "Add": 1}
+    infos = {v.name for v in model.graph.value_info}
+    assert "h2" in infos and not infos & {"h1", "h3"}  # the renamed outputs' old shapes are gone
+    feeds = {"x": rng.standard_normal((1, 4, 5, 5)).astype(np.float32), "a": rng.standard_normal((3, 5)).astype(np.float32)}
+    for got, want in zip(run(model, feeds), run(original, feeds)):
+        assert_same_per_channel(got, want)
