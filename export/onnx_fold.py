@@ -136,6 +136,9 @@ class _Index:
     producers: dict[str, onnx.NodeProto]  # value name -> the node writing it
     folded_bns: set[int] = field(default_factory=set)  # id() of each BN folded away
     gone: set[str] = field(default_factory=set)  # value names no node writes any more
+    # The float64 value of each initializer a fold wrote: a second BN on the same layer (Conv, BN,
+    # BN) folds from it, so the weight is rounded once for both.
+    exact: dict[str, np.ndarray] = field(default_factory=dict)
 
     def set_input(self, node: onnx.NodeProto, slot: int, name: str) -> None:
         while len(node.input) <= slot:
@@ -147,11 +150,13 @@ class _Index:
 
 
 def _apply(graph: onnx.GraphProto, bn: onnx.NodeProto, plan: _Plan, stats: list[np.ndarray], eps: float,
-           taken: set[str], listed_as_inputs: bool, index: _Index) -> None:
+           taken: set[str], listed_as_inputs: bool, index: _Index, consts: Constants) -> None:
     """Write the folded weight and bias as new initializers and route the producer to the BN's output."""
     gamma, beta, mean, var = stats
-    w = plan.weight.T if plan.layout_t else plan.weight
-    bias = None if plan.bias is None else plan.beta * plan.bias.astype(np.float64)
+    weight = index.exact.get(plan.producer.input[1], plan.weight)
+    w = weight.T if plan.layout_t else weight
+    bias_name = plan.bias_node.input[plan.bias_slot] if len(plan.bias_node.input) > plan.bias_slot else ""
+    bias = None if plan.bias is None else plan.beta * index.exact.get(bias_name, plan.bias).astype(np.float64)
     w64, b64 = fold_bn_arrays(plan.alpha * w.astype(np.float64), bias, mean, var, eps, gamma, beta,
                               transposed=plan.transposed, groups=plan.groups)  # fmt: skip
     w_new = round_once(w64.T if plan.layout_t else w64, plan.weight.dtype)
@@ -159,6 +164,8 @@ def _apply(graph: onnx.GraphProto, bn: onnx.NodeProto, plan: _Plan, stats: list[
     # New initializers: a weight shared with another node keeps its old value there.
     w_name, b_name = _fresh(plan.producer.input[1], taken), _fresh(f"{bn.output[0]}_bias", taken)
     new = [numpy_helper.from_array(w_new, w_name), numpy_helper.from_array(b_new, b_name)]
+    index.exact.update({w_name: w64.T if plan.layout_t else w64, b_name: b64})
+    consts.cache.update({w_name: w_new, b_name: b_new})  # the next BN's plan sees them as constants
     graph.initializer.extend(new)
     if listed_as_inputs:  # IR < 4: every initializer is also a graph input
         graph.input.extend(helper.make_tensor_value_info(t.name, t.data_type, t.dims) for t in new)
@@ -242,7 +249,7 @@ def fold_graph(model: onnx.ModelProto) -> GraphFold:
             try:
                 touched.update({*reason.producer.input[1:], *reason.bias_node.input, *bn.input[1:]})
                 _apply(graph, bn, reason, stats, attrs.get("epsilon", 1e-5), taken,
-                       model.ir_version < 4, index)
+                       model.ir_version < 4, index, consts)
                 result.folded.append((names[id(reason.producer)], name))
                 continue
             except ValueError as exc:  # channel counts differ: the BN does not normalize that output

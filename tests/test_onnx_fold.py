@@ -200,7 +200,7 @@ def test_readers_and_writers_stay_true_to_the_graph_across_folds(tmp_path: Path,
              "b3": rng.standard_normal(6).astype(np.float32),
              **with_bn("bn1", 6), **with_bn("bn1b", 6, 1), **with_bn("bn2", 6, 2), **with_bn("bn3", 6, 3)}  # fmt: skip
     nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["h1"], name="c1"), bn_node("h1", "y1", "bn1"),
-             bn_node("y1", "z1", "bn1b"),  # left: its producer's weight is the first fold's new one
+             bn_node("y1", "z1", "bn1b"),  # folds into c1 too
              helper.make_node("Conv", ["x", "w2"], ["h2"], name="c2"), bn_node("h2", "y2", "bn2"),
              helper.make_node("Relu", ["h2"], ["r2"]),  # bn2 is left: its input is read twice
              helper.make_node("MatMul", ["a", "w3"], ["m"], name="mm"), helper.make_node("Add", ["m", "b3"], ["h3"]),
@@ -224,10 +224,45 @@ def test_readers_and_writers_stay_true_to_the_graph_across_folds(tmp_path: Path,
     original = onnx.ModelProto.FromString(model.SerializeToString())
     result = onnx_fold.fold_graph(model)
     assert checked == ["bn1", "bn1b", "bn2", "bn3"]
-    assert result.folded == [("c1", "bn1"), ("mm", "bn3")] and set(result.left) == {"bn1b", "bn2"}
-    assert ops(model) == {"Conv": 2, "BatchNormalization": 2, "Relu": 1, "MatMul": 1, "Add": 1}
+    assert result.folded == [("c1", "bn1"), ("c1", "bn1b"), ("mm", "bn3")] and set(result.left) == {"bn2"}
+    assert ops(model) == {"Conv": 2, "BatchNormalization": 1, "Relu": 1, "MatMul": 1, "Add": 1}
     infos = {v.name for v in model.graph.value_info}
     assert "h2" in infos and not infos & {"h1", "h3"}  # the renamed outputs' old shapes are gone
     feeds = {"x": rng.standard_normal((1, 4, 5, 5)).astype(np.float32), "a": rng.standard_normal((3, 5)).astype(np.float32)}
     for got, want in zip(run(model, feeds), run(original, feeds)):
         assert_same_per_channel(got, want)
+
+
+@pytest.mark.parametrize("producer", ["Conv", "Gemm", "MatMul"])
+def test_two_bns_in_a_row_fold_into_one_layer_rounded_once(tmp_path: Path, producer: str) -> None:
+    rng = np.random.default_rng(6)
+    stats = {**with_bn("bn1", 6), **with_bn("bn2", 6, 1)}
+    w = rng.standard_normal((6, 4, 3, 3) if producer == "Conv" else (4, 6)).astype(np.float32)
+    b = rng.standard_normal(6).astype(np.float32)
+    if producer == "Conv":
+        layer = [helper.make_node("Conv", ["x", "w", "b"], ["h"], name="layer")]
+    elif producer == "Gemm":
+        layer = [helper.make_node("Gemm", ["x", "w", "b"], ["h"], name="layer", alpha=0.5, beta=2.0)]
+    else:
+        layer = [helper.make_node("MatMul", ["x", "w"], ["m"], name="layer"), helper.make_node("Add", ["m", "b"], ["h"])]
+    nodes = [*layer, bn_node("h", "y", "bn1"), bn_node("y", "z", "bn2")]
+    shape = [2, 4, 5, 5] if producer == "Conv" else [3, 4]
+    model = make_model(nodes, {"x": shape}, ["z"], {"w": w, "b": b, **stats})
+    report, folded = fold_file(model, tmp_path, strict=True)
+    assert report.folded == [("layer", "bn1"), ("layer", "bn2")] and "BatchNormalization" not in ops(folded)
+    # By hand, in float64: each BN is y = (x - mean) * gamma / sqrt(var + 1e-3) + beta on the channel axis.
+    w64, b64 = w.astype(np.float64), b.astype(np.float64)
+    if producer == "Gemm":
+        w64, b64 = 0.5 * w64, 2.0 * b64
+    for p in ("bn1", "bn2"):
+        eps = float(np.float32(1e-3))  # an ONNX float attribute is a float32
+        scale = stats[f"{p}.gamma"].astype(np.float64) / np.sqrt(stats[f"{p}.var"].astype(np.float64) + eps)
+        w64 = w64 * (scale[:, None, None, None] if producer == "Conv" else scale)
+        b64 = (b64 - stats[f"{p}.mean"]) * scale + stats[f"{p}.beta"]
+    inits = {t.name: numpy_helper.to_array(t) for t in folded.graph.initializer}
+    weight = next(n for n in folded.graph.node if n.op_type == layer[0].op_type).input[1]
+    np.testing.assert_array_equal(inits[weight], w64.astype(np.float32))  # rounded once, from float64
+    assert len(inits) == 2  # the first fold's own initializers are gone
+    [bias] = set(inits) - {weight}
+    np.testing.assert_array_equal(inits[bias].reshape(-1), b64.astype(np.float32))
+    assert_same_outputs(model, folded, {"x": tuple(shape)})
