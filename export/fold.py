@@ -186,20 +186,27 @@ def _why_not_foldable(gm: fx.GraphModule, bn_node: fx.Node) -> str | None:
     return None
 
 
-def _fold_into(layer: nn.Module, bn: _BatchNorm) -> None:
-    """Replace ``layer``'s weight and bias (created if missing) by their fold with ``bn``."""
+def _fold_into(layer: nn.Module, bn: _BatchNorm, exact: tuple[Tensor, Tensor] | None) -> tuple[Tensor, Tensor]:
+    """Replace ``layer``'s weight and bias (created if missing) by their fold with ``bn``.
 
-    def detached(t: Tensor | None) -> Tensor | None:
-        return None if t is None else t.detach()
+    ``exact`` is the float64 ``(weight, bias)`` of an earlier fold into this layer (two BNs in a row):
+    the fold starts from it, so the layer is rounded once for both. Returns this fold's float64 pair.
+    """
 
-    weight, bias = fold_bn_params(
-        layer.weight.detach(), detached(layer.bias), bn.running_mean, bn.running_var, bn.eps,
-        detached(bn.weight), detached(bn.bias),
+    def float64(t: Tensor | None) -> Tensor | None:
+        return None if t is None else t.detach().to(torch.float64)
+
+    weight, bias = exact or (float64(layer.weight), float64(layer.bias))
+    w64, b64 = fold_bn_params(
+        weight, bias, bn.running_mean, bn.running_var, bn.eps, float64(bn.weight), float64(bn.bias),
         transposed=isinstance(layer, _ConvTransposeNd), groups=getattr(layer, "groups", 1),
     )  # fmt: skip
+    dtype, device = layer.weight.dtype, layer.weight.device
+    bias_dtype = dtype if layer.bias is None else layer.bias.dtype
     requires_grad = layer.weight.requires_grad  # a created bias trains like the weight
-    layer.weight = nn.Parameter(weight, requires_grad=requires_grad)
-    layer.bias = nn.Parameter(bias, requires_grad=requires_grad)
+    layer.weight = nn.Parameter(_rounded(w64.cpu().numpy(), dtype).to(device), requires_grad=requires_grad)
+    layer.bias = nn.Parameter(_rounded(b64.cpu().numpy(), bias_dtype).to(device), requires_grad=requires_grad)
+    return w64, b64
 
 
 def fold_batchnorms(
@@ -238,6 +245,7 @@ def fold_batchnorms(
         except Exception as exc:  # the model's own error, on the caller's inputs
             raise BnpipeError(f"{type(model).__name__}: fails on example_inputs: {one_line(exc)}") from exc
     result = FoldResult(module=gm)
+    exact: dict[str, tuple[Tensor, Tensor]] = {}  # layer name -> its folded float64 (weight, bias)
     for node in list(gm.graph.nodes):
         if node.op != "call_module" or not isinstance(bn := gm.get_submodule(node.target), _BatchNorm):
             continue
@@ -247,7 +255,8 @@ def fold_batchnorms(
         layer_node = _bn_input(node)
         if reason is None:
             try:
-                _fold_into(gm.get_submodule(layer_node.target), bn)
+                name = str(layer_node.target)
+                exact[name] = _fold_into(gm.get_submodule(name), bn, exact.get(name))
             except ValueError as exc:  # channel mismatch, e.g. a BatchNorm1d over a [N, L, F] Linear output
                 reason = str(exc)
         if reason is not None:

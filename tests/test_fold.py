@@ -74,3 +74,27 @@ def test_grouped_conv_transpose_fusion_wrong_ours_right(in_channels: int, groups
         assert fused.weight.shape == (6, 6, 3, 3) != conv.weight.shape
         with pytest.raises(RuntimeError, match="expected bias"):
             fused(x)
+
+
+@pytest.mark.parametrize("kind", ["conv", "linear"])
+def test_two_batchnorms_in_a_row_fold_into_one_layer_rounded_once(kind: str) -> None:
+    torch.manual_seed(0)
+    if kind == "conv":
+        model, example = nn.Sequential(nn.Conv2d(3, 6, 3), nn.BatchNorm2d(6), nn.BatchNorm2d(6)), torch.randn(2, 3, 8, 8)
+    else:
+        model, example = nn.Sequential(nn.Linear(5, 6), nn.BatchNorm1d(6), nn.BatchNorm1d(6)), torch.randn(2, 5)
+    randomize_bn(model[1], seed=1)
+    randomize_bn(model[2], eps=1e-5, seed=2)
+    model.eval()
+    result = fold_batchnorms(model, example_inputs=[example])
+    assert result.folded == [("0", "1"), ("0", "2")] and result.left == []
+    # By hand, in float64: each BN is (x - mean) * gamma / sqrt(var + eps) + beta per output channel.
+    w, b = model[0].weight.detach().double(), model[0].bias.detach().double()
+    for bn in (model[1], model[2]):
+        scale = bn.weight.detach().double() / torch.sqrt(bn.running_var.double() + bn.eps)
+        w = w * scale.reshape(-1, *[1] * (w.dim() - 1))
+        b = (b - bn.running_mean.double()) * scale + bn.bias.detach().double()
+    layer = result.module.get_submodule("0")
+    assert torch.equal(layer.weight.detach(), w.float()) and torch.equal(layer.bias.detach(), b.float())
+    with torch.no_grad():
+        assert_matches_reference(result.module(example), model, example)
