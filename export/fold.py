@@ -245,7 +245,7 @@ def fold_batchnorms(
         except Exception as exc:  # the model's own error, on the caller's inputs
             raise BnpipeError(f"{type(model).__name__}: fails on example_inputs: {one_line(exc)}") from exc
     result = FoldResult(module=gm)
-    exact: dict[str, tuple[Tensor, Tensor]] = {}  # layer name -> its folded float64 (weight, bias)
+    exact: dict[str, tuple[Tensor, Tensor]] = {}  # layer name -> its float64 (weight, bias), BN after BN only
     for node in list(gm.graph.nodes):
         if node.op != "call_module" or not isinstance(bn := gm.get_submodule(node.target), _BatchNorm):
             continue
@@ -256,7 +256,10 @@ def fold_batchnorms(
         if reason is None:
             try:
                 name = str(layer_node.target)
-                exact[name] = _fold_into(gm.get_submodule(name), bn, exact.get(name))
+                folded64 = _fold_into(gm.get_submodule(name), bn, exact.pop(name, None))
+                if any(u.op == "call_module" and isinstance(gm.get_submodule(str(u.target)), _BatchNorm)
+                       for u in node.users):  # another BatchNorm reads this one: keep it for that fold
+                    exact[name] = folded64
             except ValueError as exc:  # channel mismatch, e.g. a BatchNorm1d over a [N, L, F] Linear output
                 reason = str(exc)
         if reason is not None:

@@ -136,8 +136,9 @@ class _Index:
     producers: dict[str, onnx.NodeProto]  # value name -> the node writing it
     folded_bns: set[int] = field(default_factory=set)  # id() of each BN folded away
     gone: set[str] = field(default_factory=set)  # value names no node writes any more
-    # The float64 value of each initializer a fold wrote: a second BN on the same layer (Conv, BN,
-    # BN) folds from it, so the weight is rounded once for both.
+    chained: set[str] = field(default_factory=set)  # values some BN reads: a BN writing one may have a second
+    # The float64 value of the initializers a fold wrote for a BN another BN reads (Conv, BN, BN): the
+    # second folds from it, so the weight is rounded once for both. Kept for those folds only.
     exact: dict[str, np.ndarray] = field(default_factory=dict)
 
     def set_input(self, node: onnx.NodeProto, slot: int, name: str) -> None:
@@ -153,10 +154,10 @@ def _apply(graph: onnx.GraphProto, bn: onnx.NodeProto, plan: _Plan, stats: list[
            taken: set[str], listed_as_inputs: bool, index: _Index, consts: Constants) -> None:
     """Write the folded weight and bias as new initializers and route the producer to the BN's output."""
     gamma, beta, mean, var = stats
-    weight = index.exact.get(plan.producer.input[1], plan.weight)
+    weight = index.exact.pop(plan.producer.input[1], plan.weight)
     w = weight.T if plan.layout_t else weight
     bias_name = plan.bias_node.input[plan.bias_slot] if len(plan.bias_node.input) > plan.bias_slot else ""
-    bias = None if plan.bias is None else plan.beta * index.exact.get(bias_name, plan.bias).astype(np.float64)
+    bias = None if plan.bias is None else plan.beta * index.exact.pop(bias_name, plan.bias).astype(np.float64)
     w64, b64 = fold_bn_arrays(plan.alpha * w.astype(np.float64), bias, mean, var, eps, gamma, beta,
                               transposed=plan.transposed, groups=plan.groups)  # fmt: skip
     w_new = round_once(w64.T if plan.layout_t else w64, plan.weight.dtype)
@@ -164,8 +165,9 @@ def _apply(graph: onnx.GraphProto, bn: onnx.NodeProto, plan: _Plan, stats: list[
     # New initializers: a weight shared with another node keeps its old value there.
     w_name, b_name = _fresh(plan.producer.input[1], taken), _fresh(f"{bn.output[0]}_bias", taken)
     new = [numpy_helper.from_array(w_new, w_name), numpy_helper.from_array(b_new, b_name)]
-    index.exact.update({w_name: w64.T if plan.layout_t else w64, b_name: b64})
-    consts.cache.update({w_name: w_new, b_name: b_new})  # the next BN's plan sees them as constants
+    if bn.output[0] in index.chained:
+        index.exact.update({w_name: w64.T if plan.layout_t else w64, b_name: b64})
+        consts.cache.update({w_name: w_new, b_name: b_new})  # the next BN's plan sees them as constants
     graph.initializer.extend(new)
     if listed_as_inputs:  # IR < 4: every initializer is also a graph input
         graph.input.extend(helper.make_tensor_value_info(t.name, t.data_type, t.dims) for t in new)
@@ -225,15 +227,17 @@ def fold_graph(model: onnx.ModelProto) -> GraphFold:
         i.name for i in graph.input}  # fmt: skip
     touched: set[str] = set()
     consts = Constants(model)
-    index = _Index(_uses(graph), {o: n for n in graph.node for o in n.output if o})
+    index = _Index(_uses(graph), {o: n for n in graph.node for o in n.output if o}, chained={b.input[0] for b in bns})
+    for bn in bns:  # refused before any fold: the graph is never left half-folded
+        attrs = {a.name: helper.get_attribute_value(a) for a in bn.attribute}
+        if attrs.get("training_mode", 0):
+            raise BnpipeError(f"{names[id(bn)]}: BatchNormalization has training_mode=1; only inference-form BNs fold")
+        if any(bn.output[1:]):  # before opset 14 the outputs say the mode: more than Y means training
+            raise BnpipeError(f"{names[id(bn)]}: BatchNormalization has {sum(map(bool, bn.output))} outputs, "
+                              "the training form; only inference-form BNs fold")
     for bn in bns:
         name = names[id(bn)]
         attrs = {a.name: helper.get_attribute_value(a) for a in bn.attribute}
-        if attrs.get("training_mode", 0):
-            raise BnpipeError(f"{name}: BatchNormalization has training_mode=1; only inference-form BNs fold")
-        if any(bn.output[1:]):  # before opset 14 the outputs say the mode: more than Y means training
-            raise BnpipeError(f"{name}: BatchNormalization has {sum(map(bool, bn.output))} outputs, the training "
-                              "form; only inference-form BNs fold")
         stats = [consts.get(p) for p in bn.input[1:5]]
         if attrs.get("spatial", 1) == 0:
             reason: _Plan | str = "spatial=0: it normalizes each element, not each channel"
@@ -255,10 +259,11 @@ def fold_graph(model: onnx.ModelProto) -> GraphFold:
             except ValueError as exc:  # channel counts differ: the BN does not normalize that output
                 reason = str(exc)
         result.left[name] = reason
-    kept_nodes = [n for n in nodes if id(n) not in index.folded_bns]
-    kept_info = [v for v in graph.value_info if v.name not in index.gone]
-    del graph.node[:], graph.value_info[:]
-    graph.node.extend(kept_nodes)
-    graph.value_info.extend(kept_info)
+    if index.folded_bns:
+        kept_nodes = [n for n in nodes if id(n) not in index.folded_bns]
+        kept_info = [v for v in graph.value_info if v.name not in index.gone]
+        del graph.node[:], graph.value_info[:]
+        graph.node.extend(kept_nodes)
+        graph.value_info.extend(kept_info)
     _drop_unused(graph, touched, consts.computed)
     return result
