@@ -1,8 +1,9 @@
 """Fold eval-mode BatchNorm layers into the Conv, ConvTranspose or Linear layer that feeds them.
 
 The arithmetic is :func:`bnpipe.export.fold_math.fold_bn_arrays` (float64 numpy, shared with the ONNX
-fold); :func:`fold_bn_params` feeds it tensors and rounds the result once, back to the layer's dtype. :func:`fold_batchnorms` finds the foldable pairs in any module's forward graph
-with ``torch.fx`` and returns a new module; the module it is given is never changed.
+fold), fed tensors by :func:`bnpipe.export.fold_params.fold_bn_params`. :func:`fold_batchnorms` finds the
+foldable pairs in any module's forward graph with ``torch.fx`` and returns a new module; the module it is
+given is never changed.
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ import copy
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 from torch import Tensor, fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
@@ -19,7 +19,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvTransposeNd
 
 from bnpipe.errors import BnpipeError, one_line
-from bnpipe.export.fold_math import fold_bn_arrays, round_once
+from bnpipe.export.fold_params import fold_bn_params, rounded
 
 # Exact types, not isinstance: a subclass may override forward, and then folding could be wrong.
 _FOLDABLE: tuple[type[nn.Module], ...] = (
@@ -27,57 +27,6 @@ _FOLDABLE: tuple[type[nn.Module], ...] = (
     nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d,
     nn.Linear,
 )  # fmt: skip
-
-
-def fold_bn_params(
-    weight: Tensor,
-    bias: Tensor | None,
-    bn_mean: Tensor,
-    bn_var: Tensor,
-    bn_eps: float,
-    gamma: Tensor | None,
-    beta: Tensor | None,
-    *,
-    transposed: bool = False,
-    groups: int = 1,
-) -> tuple[Tensor, Tensor]:
-    """Fold BatchNorm statistics into the weight and bias of the layer before it, for tensors.
-
-    The arithmetic is :func:`bnpipe.export.fold_math.fold_bn_arrays` (float64; its docstring gives the
-    layouts); the result is rounded once, to the weight's dtype (the bias's, when there is one).
-
-    Args:
-        weight, bias: The layer's, ``bias`` None for none. ConvTranspose (``transposed``): ``[C_in, C_out/g, *k]``.
-        bn_mean, bn_var, bn_eps: The BatchNorm's running statistics ``[C_out]`` and its own epsilon.
-        gamma, beta: Its affine parameters ``[C_out]``, or None when ``affine=False``.
-        transposed, groups: The ConvTranspose layout and the layer's groups.
-
-    Returns:
-        The folded ``(weight, bias)``, in ``weight``'s device and shape.
-
-    Raises:
-        ValueError: If the BatchNorm's channel count does not match the layer's output channels.
-    """
-    def numpy64(t: Tensor | None) -> np.ndarray | None:
-        return None if t is None else t.detach().to(torch.float64).cpu().numpy()
-
-    w64, b64 = fold_bn_arrays(
-        numpy64(weight), numpy64(bias), numpy64(bn_mean), numpy64(bn_var), bn_eps, numpy64(gamma), numpy64(beta),
-        transposed=transposed, groups=groups,
-    )  # fmt: skip
-    bias_dtype = weight.dtype if bias is None else bias.dtype
-    return _rounded(w64, weight.dtype).to(weight.device), _rounded(b64, bias_dtype).to(weight.device)
-
-
-def _rounded(x64: np.ndarray, dtype: torch.dtype) -> Tensor:
-    """float64 -> ``dtype`` in one rounding (torch's own casts to half types go through float32)."""
-    if not dtype.is_floating_point or dtype.itemsize == 8:
-        return torch.from_numpy(x64).to(dtype)
-    if dtype == torch.bfloat16:
-        import ml_dtypes
-
-        return torch.from_numpy(round_once(x64, ml_dtypes.bfloat16).view(np.int16)).view(torch.bfloat16)
-    return torch.from_numpy(round_once(x64, {torch.float32: np.float32, torch.float16: np.float16}[dtype]))
 
 
 @dataclass
@@ -204,8 +153,8 @@ def _fold_into(layer: nn.Module, bn: _BatchNorm, exact: tuple[Tensor, Tensor] | 
     dtype, device = layer.weight.dtype, layer.weight.device
     bias_dtype = dtype if layer.bias is None else layer.bias.dtype
     requires_grad = layer.weight.requires_grad  # a created bias trains like the weight
-    layer.weight = nn.Parameter(_rounded(w64.cpu().numpy(), dtype).to(device), requires_grad=requires_grad)
-    layer.bias = nn.Parameter(_rounded(b64.cpu().numpy(), bias_dtype).to(device), requires_grad=requires_grad)
+    layer.weight = nn.Parameter(rounded(w64.cpu().numpy(), dtype).to(device), requires_grad=requires_grad)
+    layer.bias = nn.Parameter(rounded(b64.cpu().numpy(), bias_dtype).to(device), requires_grad=requires_grad)
     return w64, b64
 
 

@@ -9,7 +9,8 @@ import torch
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
 
-from bnpipe.export.fold import fold_batchnorms, fold_bn_params
+from bnpipe.export.fold import fold_batchnorms
+from bnpipe.export.fold_params import fold_bn_params
 from tests.fold_helpers import EPS, LAYERS, assert_matches_reference, bn_names, make_pair, randomize_bn, seeded  # noqa: F401
 
 def test_fold_bn_params_by_hand() -> None:
