@@ -139,11 +139,12 @@ def _fold_into(layer: nn.Module, bn: _BatchNorm, exact: tuple[Tensor, Tensor] | 
     """Replace ``layer``'s weight and bias (created if missing) by their fold with ``bn``.
 
     ``exact`` is the float64 ``(weight, bias)`` of an earlier fold into this layer (two BNs in a row):
-    the fold starts from it, so the layer is rounded once for both. Returns this fold's float64 pair.
+    the fold starts from it, so the layer is rounded once for both. Returns this fold's float64 pair, on
+    the CPU (float64 in, so `fold_bn_params`'s rounding is exact).
     """
 
     def float64(t: Tensor | None) -> Tensor | None:
-        return None if t is None else t.detach().to(torch.float64)
+        return None if t is None else t.detach().to("cpu", torch.float64)
 
     weight, bias = exact or (float64(layer.weight), float64(layer.bias))
     w64, b64 = fold_bn_params(
@@ -153,8 +154,8 @@ def _fold_into(layer: nn.Module, bn: _BatchNorm, exact: tuple[Tensor, Tensor] | 
     dtype, device = layer.weight.dtype, layer.weight.device
     bias_dtype = dtype if layer.bias is None else layer.bias.dtype
     requires_grad = layer.weight.requires_grad  # a created bias trains like the weight
-    layer.weight = nn.Parameter(rounded(w64.cpu().numpy(), dtype).to(device), requires_grad=requires_grad)
-    layer.bias = nn.Parameter(rounded(b64.cpu().numpy(), bias_dtype).to(device), requires_grad=requires_grad)
+    layer.weight = nn.Parameter(rounded(w64.numpy(), dtype).to(device), requires_grad=requires_grad)
+    layer.bias = nn.Parameter(rounded(b64.numpy(), bias_dtype).to(device), requires_grad=requires_grad)
     return w64, b64
 
 

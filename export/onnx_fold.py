@@ -228,16 +228,16 @@ def fold_graph(model: onnx.ModelProto) -> GraphFold:
     touched: set[str] = set()
     consts = Constants(model)
     index = _Index(_uses(graph), {o: n for n in graph.node for o in n.output if o}, chained={b.input[0] for b in bns})
+    bn_attrs = {id(bn): {a.name: helper.get_attribute_value(a) for a in bn.attribute} for bn in bns}
     for bn in bns:  # refused before any fold: the graph is never left half-folded
-        attrs = {a.name: helper.get_attribute_value(a) for a in bn.attribute}
+        attrs = bn_attrs[id(bn)]
         if attrs.get("training_mode", 0):
             raise BnpipeError(f"{names[id(bn)]}: BatchNormalization has training_mode=1; only inference-form BNs fold")
         if any(bn.output[1:]):  # before opset 14 the outputs say the mode: more than Y means training
             raise BnpipeError(f"{names[id(bn)]}: BatchNormalization has {sum(map(bool, bn.output))} outputs, "
                               "the training form; only inference-form BNs fold")
     for bn in bns:
-        name = names[id(bn)]
-        attrs = {a.name: helper.get_attribute_value(a) for a in bn.attribute}
+        name, attrs = names[id(bn)], bn_attrs[id(bn)]
         stats = [consts.get(p) for p in bn.input[1:5]]
         if attrs.get("spatial", 1) == 0:
             reason: _Plan | str = "spatial=0: it normalizes each element, not each channel"
