@@ -26,6 +26,7 @@ def decimal(raw: str) -> int | None:
     ``str.isdigit`` alone lets through digits ``int`` refuses (``"²"``) and lengths ``int`` will not
     convert: a client's header or query value must get a 400, not a 500.
     """
+    raw = raw.strip(" \t")  # a header's surrounding whitespace is not part of its value (RFC 9110)
     return int(raw) if raw.isascii() and raw.isdigit() and len(raw) <= 18 else None
 
 
@@ -75,20 +76,32 @@ def inflate(data: bytes, encoding: str, limit: int) -> bytes:
         raise V2Error(f"unsupported Content-Encoding '{encoding[:40]}': use gzip or deflate")
     error: zlib.error | None = None
     for wbits in (_WBITS[encoding], -15) if encoding == "deflate" else (_WBITS[encoding],):
-        inflater = zlib.decompressobj(wbits)
         try:
-            out = inflater.decompress(data, limit + 1)
+            return _inflate(data, wbits, encoding, limit)
         except zlib.error as exc:
             error = exc
-            continue
-        if len(out) > limit or inflater.unconsumed_tail:
+    raise V2Error(f"the body is not valid {encoding} data ({error})")
+
+
+def _inflate(data: bytes, wbits: int, encoding: str, limit: int) -> bytes:
+    """`inflate` in one wrapper format; gzip members one after another make one body (RFC 1952)."""
+    parts: list[bytes] = []
+    size = 0
+    while True:
+        inflater = zlib.decompressobj(wbits)
+        out = inflater.decompress(data, limit + 1 - size)  # at least 1: size <= limit here
+        size += len(out)
+        parts.append(out)
+        if size > limit or inflater.unconsumed_tail:
             raise too_large(limit)
         if not inflater.eof:
             raise V2Error(f"the {encoding} body is truncated")
-        if inflater.unused_data:
-            raise V2Error(f"the {encoding} body has {len(inflater.unused_data)} bytes after its end")
-        return out
-    raise V2Error(f"the body is not valid {encoding} data ({error})")
+        data = inflater.unused_data
+        if wbits != _WBITS["gzip"] or data[:2] != b"\x1f\x8b":  # another member starts with gzip's magic
+            break
+    if data:
+        raise V2Error(f"the {encoding} body has {len(data)} bytes after its end")
+    return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
 @functools.lru_cache(maxsize=64)  # a client sends the same header each time
@@ -98,13 +111,15 @@ def accepted_encoding(accept_encoding: str | None) -> str | None:
         return None
     allowed = {}
     for item in accept_encoding.lower().split(","):
-        name, _, params = item.strip().partition(";")
+        name, *params = item.split(";")
         q = 1.0
-        if params.strip().startswith("q="):
-            try:
-                q = float(params.strip()[2:])
-            except ValueError:
-                q = 0.0
+        for param in params:
+            key, _, value = param.partition("=")
+            if key.strip() == "q":
+                try:
+                    q = float(value.strip())
+                except ValueError:
+                    q = 0.0
         allowed[name.strip()] = q
     candidates = [e for e in ENCODINGS if allowed.get(e, allowed.get("*", 0.0)) > 0]
     return max(candidates, key=lambda e: allowed.get(e, allowed.get("*", 0.0)), default=None)

@@ -9,6 +9,7 @@ through the batcher with the V2 requests. ``?top_k=N`` as ``--top-k``; ``?image=
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 
 import numpy as np
@@ -43,6 +44,9 @@ async def image_bytes(request: Request, body: bytes) -> tuple[bytes, str]:
     if not content_type.lower().startswith("multipart/form-data"):
         return body, STDIN
     from starlette.formparsers import MultiPartException, MultiPartParser
+
+    # The parser logs each fault in a client's body as a warning on stderr; the 400 already says it.
+    logging.getLogger("python_multipart").setLevel(logging.ERROR)
 
     try:
         form = await MultiPartParser(request.headers, _once(body), max_files=1, max_fields=8).parse()

@@ -2,8 +2,9 @@
 
 `parse_infer` turns the body of `POST /v2/models/{name}/infer` into numpy arrays, with the JSON
 header and the binary tensor data extension (`Inference-Header-Content-Length`, each input's
-``binary_data_size``); `encode_infer` writes the answer the same way. Every fault in a request is
-a `V2Error` carrying the status code Triton answers with and one line saying what is wrong.
+``binary_data_size``); `bnpipe.serve.v2_answers.encode_infer` writes the answer the same way. Every
+fault in a request is a `V2Error` carrying the status code Triton answers with and one line saying
+what is wrong.
 """
 
 from __future__ import annotations
@@ -25,8 +26,6 @@ DTYPES: dict[str, np.dtype] = {name: np.dtype(t) for name, t in [
     ("INT8", np.int8), ("INT16", np.int16), ("INT32", np.int32), ("INT64", np.int64), ("FP16", np.float16),
     ("FP32", np.float32), ("FP64", np.float64)]}
 
-_V2_NAMES = {t: name for name, t in DTYPES.items()}
-_ENCODER = json.JSONEncoder(separators=(",", ":"))  # json.dumps with arguments builds one per call
 
 
 class V2Error(Exception):
@@ -72,6 +71,11 @@ def _check_shape(shape: list[int], spec: TensorSpec, model: str, max_batch: int)
         raise V2Error(f"inference request batch-size must be <= {max_batch} for '{model}', got {shape[0]}")
 
 
+def _has_bool(data: list[Any]) -> bool:
+    """Whether a (regular, numpy-accepted) nested list holds a JSON true or false."""
+    return any(v is True or v is False or (type(v) is list and _has_bool(v)) for v in data)
+
+
 def _json_data(data: Any, spec: TensorSpec, count: int, where: str) -> np.ndarray:
     """A JSON ``data`` list (flat or nested, row-major) as a flat array of the input's dtype."""
     dtype = DTYPES[spec.datatype]
@@ -82,7 +86,8 @@ def _json_data(data: Any, spec: TensorSpec, count: int, where: str) -> np.ndarra
     kind = values.dtype.kind
     if values.size != count:
         raise V2Error(f"{where}: 'data' holds {values.size} values but the shape needs {count}")
-    if kind not in "biuf" or (kind == "b") != (dtype.kind == "b") or (kind == "f" and dtype.kind != "f"):
+    if (kind not in "biuf" or (kind == "b") != (dtype.kind == "b") or (kind == "f" and dtype.kind != "f")
+            or (kind != "b" and _has_bool(data))):  # numpy turns [true, 3] into [1, 3]
         raise V2Error(f"{where}: 'data' holds values that are not {spec.datatype}")
     if dtype.kind in "iu" and values.size:
         info = np.iinfo(dtype)
@@ -171,8 +176,10 @@ def parse_header(header_bytes: bytes, body_size: int, model: str, inputs: Sequen
         shape = _shape(entry.get("shape"), where)
         _check_shape(shape, spec, model, max_batch)
         count = math.prod(shape)
-        params = entry.get("parameters") or {}
-        if not isinstance(params, dict):
+        params = entry.get("parameters")
+        if params is None:
+            params = {}
+        elif not isinstance(params, dict):
             raise V2Error(f"{where}: 'parameters' must be an object")
         nbytes = params.get("binary_data_size")
         data: int | np.ndarray
@@ -202,27 +209,32 @@ def parse_header(header_bytes: bytes, body_size: int, model: str, inputs: Sequen
     return InferHeader(request_id, list(parsed.values()), _requested(header, outputs, model))
 
 
-def _flag(params: Any, key: str, where: str) -> bool:
+def _flag(params: Any, key: str, where: str, default: bool = False) -> bool:
+    """``params[key]``, true or false; ``default`` where it is not given."""
     if params is None:
-        return False
+        return default
     if not isinstance(params, dict):
         raise V2Error(f"{where}: 'parameters' must be an object")
     if "classification" in params:
         raise V2Error(f"{where}: the classification extension is not supported")
-    value = params.get(key, False)
+    value = params.get(key, default)
     if not isinstance(value, bool):
         raise V2Error(f"{where}: '{key}' must be true or false")
     return value
 
 
 def _requested(header: dict[str, Any], outputs: Sequence[TensorSpec], model: str) -> list[tuple[str, bool]]:
-    """The outputs asked for, each with whether it goes back as binary data; none listed means all."""
+    """The outputs asked for, each with whether it goes back as binary data.
+
+    None listed (no ``outputs``, or an empty list: Triton's core requests every output then) means
+    all. An output's own ``binary_data`` overrides the request's ``binary_data_output``.
+    """
     all_binary = _flag(header.get("parameters"), "binary_data_output", "the request")
     asked = header.get("outputs")
-    if asked is None:
-        return [(s.name, all_binary) for s in outputs]
-    if not isinstance(asked, list):
+    if asked is not None and not isinstance(asked, list):
         raise V2Error("'outputs' must be a list")
+    if not asked:
+        return [(s.name, all_binary) for s in outputs]
     known = {s.name for s in outputs}
     result: list[tuple[str, bool]] = []
     for entry in asked:
@@ -233,48 +245,5 @@ def _requested(header: dict[str, Any], outputs: Sequence[TensorSpec], model: str
             raise V2Error(f"unexpected inference output '{name}' for model '{model}'")
         if any(name == n for n, _ in result):
             raise V2Error(f"output '{name}' is requested more than once")
-        binary = _flag(entry.get("parameters"), "binary_data", f"output '{name}'") or all_binary
-        result.append((name, binary))
+        result.append((name, _flag(entry.get("parameters"), "binary_data", f"output '{name}'", all_binary)))
     return result
-
-
-def encode_infer(model: str, version: str, request_id: str | None,
-                 outputs: Sequence[tuple[str, np.ndarray, bool]]) -> tuple[bytes, int | None]:
-    """Encode an inference response.
-
-    Args:
-        model: The model's name.
-        version: The model's version, e.g. "1".
-        request_id: The request's ``id``, echoed back; None leaves it out.
-        outputs: (name, array, as binary data) per output, in the order asked for.
-
-    Returns:
-        (body, header length): the length of the JSON header when binary data follows it (the
-        ``Inference-Header-Content-Length`` header to send), else None.
-    """
-    entries = []
-    chunks = []
-    for name, array, binary in outputs:
-        entry: dict[str, Any] = {"name": name, "datatype": _v2_type(array.dtype), "shape": list(array.shape)}
-        if binary:
-            chunk = np.ascontiguousarray(array).tobytes()
-            entry["parameters"] = {"binary_data_size": len(chunk)}
-            chunks.append(chunk)
-        else:
-            entry["data"] = array.ravel().tolist()
-        entries.append(entry)
-    response: dict[str, Any] = {"model_name": model, "model_version": version}
-    if request_id is not None:
-        response["id"] = request_id
-    response["outputs"] = entries
-    header = _ENCODER.encode(response).encode()
-    if not chunks:
-        return header, None
-    return b"".join([header, *chunks]), len(header)
-
-
-def _v2_type(dtype: np.dtype) -> str:
-    try:
-        return _V2_NAMES[dtype]
-    except KeyError:
-        raise ValueError(f"no V2 datatype for numpy {dtype}") from None

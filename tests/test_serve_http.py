@@ -229,6 +229,30 @@ def test_concurrent_requests_merge_and_stay_bit_identical(server: ServerProcess,
     assert runs < len(requests)  # batches merged requests
 
 
+def requests_with_status(server: ServerProcess, status: int) -> float:
+    _, _, text = raw(server, "GET", "/metrics")
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.decode().splitlines()
+               if line.startswith("bnpipe_http_requests_total{") and f'status="{status}"' in line)
+
+
+def test_a_client_gone_mid_body_and_a_bad_multipart_body_are_no_fault_of_ours(server: ServerProcess) -> None:
+    import socket
+    import time
+
+    logged, faults, gone = server.stderr(), requests_with_status(server, 500), requests_with_status(server, 499)
+    host, port = server.url.split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as sock:  # 100 of the 5,000 bytes it promises
+        sock.sendall(b"POST /v2/models/digits/infer HTTP/1.1\r\nHost: x\r\nContent-Length: 5000\r\n\r\n" + bytes(100))
+    end = time.monotonic() + 10
+    while requests_with_status(server, 499) == gone and time.monotonic() < end:
+        time.sleep(0.02)
+    status, _, answer = raw(server, "POST", "/v1/predict", b"garbage\r\n\r\n",
+                            {"Content-Type": "multipart/form-data; boundary=XYZ"})
+    assert status == 400 and "bad multipart body" in json.loads(answer)["error"]
+    assert requests_with_status(server, 499) == gone + 1 and requests_with_status(server, 500) == faults
+    assert server.stderr() == logged  # neither is a fault of the server's to log
+
+
 def test_metrics_text(server: ServerProcess) -> None:
     status, headers, text = raw(server, "GET", "/metrics")
     body = text.decode()

@@ -10,10 +10,11 @@ from typing import Any
 import numpy as np
 import pytest
 
-from bnpipe.serve.bodies import accepted_encoding, compress, inflate
+from bnpipe.serve.bodies import accepted_encoding, compress, decimal, inflate
 from bnpipe.serve.header_cache import HeaderCache
 from bnpipe.serve.triton_config import TensorSpec
-from bnpipe.serve.v2 import V2Error, encode_infer, parse_infer
+from bnpipe.serve.v2 import V2Error, parse_infer
+from bnpipe.serve.v2_answers import encode_infer
 
 INPUTS = [TensorSpec("pixels", "UINT8", (-1, 1, 28, 28))]
 OUTPUTS = [TensorSpec("logits", "FP32", (-1, 10))]
@@ -47,6 +48,19 @@ def test_binary_input_and_requested_outputs() -> None:
     assert whole.outputs == [("logits", True)]
 
 
+def test_an_outputs_own_binary_data_overrides_the_requests_and_no_outputs_means_all() -> None:
+    x = [0] * 784
+    every = {"parameters": {"binary_data_output": True}}
+    asked = parse({"inputs": [pixels_input([1, 1, 28, 28], data=x)], **every,
+                   "outputs": [{"name": "logits", "parameters": {"binary_data": False}}]})
+    assert asked.outputs == [("logits", False)]  # Triton: "binary_data on an output overrides" the request's
+    assert parse({"inputs": [pixels_input([1, 1, 28, 28], data=x)], **every,
+                  "outputs": [{"name": "logits"}]}).outputs == [("logits", True)]
+    for empty in ([], None):  # Triton's core requests every output when none is
+        assert parse({"inputs": [pixels_input([1, 1, 28, 28], data=x, parameters=None)], **every,
+                      "outputs": empty}).outputs == [("logits", True)]
+
+
 BAD = [
     ({"inputs": [pixels_input([1, 1, 28, 28], data=[0] * 784)], "id": 5}, "'id' must be a string"),
     ({"inputs": {}}, "no 'inputs' list"),
@@ -63,6 +77,8 @@ BAD = [
     ({"inputs": [pixels_input([1, 1, 28, 28], data=[256] + [0] * 783)]}, "holds 256, out of range for UINT8"),
     ({"inputs": [pixels_input([1, 1, 28, 28], data=[0.5] * 784)]}, "not UINT8"),
     ({"inputs": [pixels_input([1, 1, 28, 28], data=["a"] * 784)]}, "not UINT8"),
+    ({"inputs": [pixels_input([1, 1, 28, 28], data=[[True] + [0] * 783])]}, "not UINT8"),  # numpy would make it 1
+    ({"inputs": [pixels_input([1, 1, 28, 28], data=[0] * 784, parameters=[])]}, "'parameters' must be an object"),
     ({"inputs": [pixels_input([1, 1, 28, 28])]}, "has no data"),
     ({"inputs": []}, "expected 1 inputs but got 0"),
     ({"inputs": [pixels_input([1, 1, 28, 28], data=[0] * 784)] * 2}, "more than once"),
@@ -122,6 +138,13 @@ def test_inflate_round_trips(encoding: str, pack: Any) -> None:
     assert inflate(compress(data, encoding), encoding, 10_000) == data
 
 
+def test_gzip_members_one_after_another_are_one_body() -> None:
+    assert inflate(gzip.compress(b"seven ") + gzip.compress(b"eight"), "gzip", 100) == b"seven eight"
+    with pytest.raises(V2Error, match="larger than the limit of 10") as info:  # the limit counts every member
+        inflate(gzip.compress(bytes(6)) + gzip.compress(bytes(6)), "gzip", 10)
+    assert info.value.status == 413
+
+
 def test_inflate_bomb_is_413_without_inflating_it_all() -> None:
     import tracemalloc
 
@@ -149,6 +172,7 @@ def test_bad_encodings_are_400(data: bytes, encoding: str, message: str) -> None
 @pytest.mark.parametrize("header,expected", [
     (None, None), ("", None), ("gzip", "gzip"), ("deflate", "deflate"), ("br, deflate", "deflate"),
     ("gzip;q=0.5, deflate", "deflate"), ("gzip;q=0", None), ("*", "gzip"), ("identity", None),
+    ("gzip; level=1; q=0", None), ("deflate;q=0.1, gzip ; foo=bar ;q=0.2", "gzip"),
 ])
 def test_accepted_encoding(header: str | None, expected: str | None) -> None:
     assert accepted_encoding(header) == expected
@@ -219,3 +243,9 @@ def test_header_cache_answers_as_parse_infer_and_keeps_only_binary_headers() -> 
                         assert np.array_equal(got.inputs["pixels"], want.inputs["pixels"])
     assert len(cache._headers) == 1  # the one valid binary header; errors and JSON data are not kept
 
+
+
+@pytest.mark.parametrize("raw,expected", [("784", 784), (" 784\t", 784), ("+5", None), ("-1", None), ("5 5", None),
+                                          ("\u00b2", None), ("9" * 19, None), ("", None)])
+def test_decimal_header_values(raw: str, expected: int | None) -> None:
+    assert decimal(raw) == expected
