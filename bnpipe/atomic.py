@@ -32,7 +32,7 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
         # Keep the real suffix last so that writers which dispatch on it (matplotlib) still work.
         fd, tmp = tempfile.mkstemp(prefix=f".{final.stem}.", suffix=f".tmp{final.suffix}", dir=final.parent)
     except OSError as exc:
-        raise BnpipeError(f"{final}: cannot write ({exc.strerror or one_line(exc)})") from None
+        raise _cannot_write(final, exc) from None
     os.close(fd)
     tmp_path = Path(tmp)
     try:
@@ -43,23 +43,53 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
         os.replace(tmp_path, final)
     except OSError as exc:
         tmp_path.unlink(missing_ok=True)
-        raise BnpipeError(f"{final}: cannot write ({exc.strerror or one_line(exc)})") from None
+        raise _cannot_write(final, exc) from None
     except BaseException:
         tmp_path.unlink(missing_ok=True)
+        raise
+
+
+def _cannot_write(final: Path, exc: OSError) -> BnpipeError:
+    """The one line for an OSError met writing ``final``, naming a folder on its way that is a file."""
+    if isinstance(exc, (FileExistsError, NotADirectoryError)):
+        for folder in reversed([final, *final.parents]):
+            if folder.exists() and not folder.is_dir():
+                return BnpipeError(f"{final}: cannot write: {folder} is a file, not a folder")
+    return BnpipeError(f"{final}: cannot write ({exc.strerror or one_line(exc)})")
+
+
+@contextlib.contextmanager
+def made_dirs(folder: str | os.PathLike[str]) -> Iterator[None]:
+    """Create ``folder`` and its missing parents; remove those it created if the body raises."""
+    missing = [f for f in [Path(folder), *Path(folder).parents] if not f.exists()]
+    try:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise _cannot_write(Path(folder), exc) from None
+    try:
+        yield
+    except BaseException:
+        for f in missing:  # deepest first; a folder something else filled meanwhile stays
+            with contextlib.suppress(OSError):
+                f.rmdir()
         raise
 
 
 def check_writable(path: str | os.PathLike[str]) -> None:
     """Fail early, before any long work, when ``path`` could not be written atomically later.
 
+    Folders it has to make for the trial are removed again: a command that fails later leaves none.
+
     Raises:
         BnpipeError: The name is empty or names a folder, or its folder cannot be made or written.
     """
+    if not str(path):
+        raise BnpipeError("the output path is empty")
     final = Path(path)
     if not final.name or final.is_dir():
         raise BnpipeError(f"{str(path)!r}: not a file name")
     try:
-        with atomic_path(final):
+        with made_dirs(final.parent), atomic_path(final):
             raise _Probe  # leave the target untouched: the temporary file is made, then removed
     except _Probe:
         pass

@@ -8,6 +8,7 @@ importing torch.
 from __future__ import annotations
 
 import contextlib
+import errno
 import importlib
 import sys
 from collections.abc import Iterator
@@ -17,7 +18,7 @@ import click
 from click.exceptions import NoArgsIsHelpError
 
 from bnpipe import __version__
-from bnpipe.errors import BnpipeError
+from bnpipe.errors import BnpipeError, output_error
 
 # command name -> "module:attribute" of its click command
 COMMANDS: dict[str, str] = {
@@ -86,6 +87,9 @@ class LazyGroup(click.Group):
         except BnpipeError as exc:
             click.echo(f"bnpipe: error: {exc}", err=True)
             ctx.exit(exc.exit_code)
+        except KeyboardInterrupt:  # Ctrl-C: the shell's status for SIGINT, not click's "Aborted!" and 1
+            click.echo(err=True)
+            ctx.exit(130)
 
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
@@ -96,7 +100,16 @@ def cli() -> None:
 
 def main() -> None:
     """Console-script entry point."""
-    cli(prog_name="bnpipe")
+    try:
+        cli(prog_name="bnpipe")
+    except OSError as exc:
+        # click.echo flushes each line, so stdout on a full disk (/dev/full) fails inside a command.
+        # Files are written through bnpipe.atomic, which names them; an OSError with no file name
+        # and a write's errno is the output stream's: one line, as predict says it.
+        if exc.filename is not None or exc.errno not in (errno.ENOSPC, errno.EIO, errno.EDQUOT, errno.EFBIG):
+            raise
+        click.echo(f"bnpipe: error: {output_error(sys.stdout, exc)}", err=True)
+        sys.exit(1)
 
 
 if __name__ == "__main__":  # pragma: no cover

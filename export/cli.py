@@ -22,7 +22,8 @@ DEFAULT_ONNX = "models/bn_convnet.onnx"
 @click.option("--opset", type=click.IntRange(min=18, max=25), default=18, show_default=True,
               help="ONNX opset version (the dynamo exporter needs 18 or newer).")
 @click.option("--data", type=click.Path(file_okay=False), default=None,
-              help="MNIST root for verification images. Default: $BNPIPE_DATA, else ./data; random pixels if absent.")
+              help="MNIST root for verification images (must hold them). Default: $BNPIPE_DATA, else ./data; "
+                   "random pixels if absent.")
 @click.option("--triton-repo", type=click.Path(file_okay=False), default=None,
               help="Also write a Triton model repository here: NAME/config.pbtxt and NAME/1/model.onnx.")
 @click.option("--triton-device", type=click.Choice(["gpu", "cpu"]), default="gpu", show_default=True,
@@ -37,9 +38,12 @@ def export(checkpoint: str, out: str, fold_bn: bool, strict: bool, tolerance: fl
     """
     if strict and not fold_bn:
         raise click.UsageError("--strict only applies with --fold-bn")
+    from bnpipe.datadir import mnist_test_images, resolve_data_root
+    from bnpipe.errors import BnpipeError
     from bnpipe.export.pipeline import export_checkpoint
-    from bnpipe.datadir import resolve_data_root
 
+    if data is not None and not mnist_test_images(data).is_file():  # asked for by name: random pixels would hide a typo
+        raise BnpipeError(f"--data {data}: no MNIST test images ({mnist_test_images(data)} is missing)")
     report = export_checkpoint(checkpoint, out, fold_bn=fold_bn, strict=strict, tolerance=tolerance, opset=opset,
                                data_root=resolve_data_root(data), triton_repo=triton_repo,
                                triton_device=triton_device, triton_name=triton_name)

@@ -110,9 +110,10 @@ def ort_logits(model_path: str | os.PathLike[str], pixels: np.ndarray, optimize:
 
 def verification_pixels(data_root: Path | None, n: int = 1000, seed: int = 0) -> tuple[np.ndarray, str]:
     """Pixels to verify an export on: real MNIST test images when found, random uint8 otherwise."""
+    from bnpipe.datadir import mnist_test_images
     from bnpipe.train.data import load_mnist
 
-    if data_root is not None and (data_root / "MNIST" / "raw" / "t10k-images-idx3-ubyte").is_file():
+    if data_root is not None and mnist_test_images(data_root).is_file():
         images, _ = load_mnist(data_root, train=False, download=False)
         return images[:n].numpy(), f"{min(n, len(images))} MNIST test images from {data_root}"
     rng = np.random.default_rng(seed)

@@ -19,20 +19,48 @@ def graph_stats(model: onnx.ModelProto) -> dict[str, int]:
     return {"nodes": sum(ops.values()), "bn_nodes": ops["BatchNormalization"]}
 
 
+DEFAULT_TOLERANCE = 1e-4
+# Machine epsilon of the float types whose rounding noise passes DEFAULT_TOLERANCE.
+_EPSILON = {onnx.TensorProto.FLOAT16: 2.0**-10, onnx.TensorProto.BFLOAT16: 2.0**-7}
+
+
+def default_tolerance(model: onnx.ModelProto) -> float:
+    """`DEFAULT_TOLERANCE`, or 8 epsilons of the narrowest float16/bfloat16 type among the outputs and weights.
+
+    A float16 model's outputs move by about an epsilon when its weights are rounded differently (the
+    fold rounds once, from float64); 1e-4 is under that noise, 8 epsilons are well over it and still
+    far under what a wrong fold changes (the whole output).
+    """
+    types = [o.type.tensor_type.elem_type for o in model.graph.output] + [t.data_type for t in model.graph.initializer]
+    return max([DEFAULT_TOLERANCE] + [8 * _EPSILON[t] for t in types if t in _EPSILON])
+
+
 def parse_shape(text: str) -> tuple[str, tuple[int, ...]]:
     """``NAME=1,3,224,224`` -> ``("NAME", (1, 3, 224, 224))``.
 
     Raises:
-        BnpipeError: If the text is not a name, ``=``, and comma-separated non-negative integers.
+        BnpipeError: If the text is not a name, ``=``, and comma-separated positive integers (an
+            empty tensor would prove nothing).
     """
     name, sep, dims = text.rpartition("=")
     try:
         shape = tuple(int(d) for d in dims.split(",")) if dims.strip() else ()
     except ValueError:
-        shape = (-1,)
-    if not sep or not name or any(d < 0 for d in shape):
-        raise BnpipeError(f"--shape {text!r}: expected NAME=D1,D2,... with non-negative integers")
+        shape = (0,)
+    if not sep or not name or any(d < 1 for d in shape):
+        raise BnpipeError(f"--shape {text!r}: expected NAME=D1,D2,... with positive integers")
     return name, shape
+
+
+def _graph_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
+    inits = {t.name for t in model.graph.initializer}
+    return [i for i in model.graph.input if i.name not in inits]  # IR < 4 lists initializers as inputs too
+
+
+def dynamic_inputs(model: onnx.ModelProto) -> list[str]:
+    """The names of the graph inputs with a dim of no fixed size."""
+    return [i.name for i in _graph_inputs(model)
+            if any(not d.HasField("dim_value") for d in i.type.tensor_type.shape.dim)]
 
 
 def random_inputs(model: onnx.ModelProto, shapes: Mapping[str, Sequence[int]], seed: int = 0) -> dict[str, np.ndarray]:
@@ -42,8 +70,7 @@ def random_inputs(model: onnx.ModelProto, shapes: Mapping[str, Sequence[int]], s
         BnpipeError: ``shapes`` names no input, or gives an input a rank or fixed dim it does not have.
     """
     rng = np.random.default_rng(seed)
-    inits = {t.name for t in model.graph.initializer}
-    inputs = [i for i in model.graph.input if i.name not in inits]  # IR < 4 lists initializers as inputs too
+    inputs = _graph_inputs(model)
     unknown = set(shapes) - {i.name for i in inputs}
     if unknown:
         raise BnpipeError(f"--shape {sorted(unknown)[0]}: the model has no such input "
@@ -58,8 +85,9 @@ def random_inputs(model: onnx.ModelProto, shapes: Mapping[str, Sequence[int]], s
             given = list(shapes[inp.name])
             fixed = [(g, d.dim_value) for g, d in zip(given, tensor.shape.dim) if d.HasField("dim_value")]
             if len(given) != len(dims) or any(g != v for g, v in fixed):
-                raise BnpipeError(f"--shape {inp.name}={','.join(map(str, given))}: the input is {dims} "
-                                  "(fixed dims must match)")  # fmt: skip
+                declared = [d.dim_value if d.HasField("dim_value") else d.dim_param or "?" for d in tensor.shape.dim]
+                raise BnpipeError(f"--shape {inp.name}={','.join(map(str, given))}: the input is "
+                                  f"[{', '.join(map(str, declared))}] (fixed dims must match)")  # fmt: skip
             dims = given
         dtype = helper.tensor_dtype_to_np_dtype(tensor.elem_type)
         if np.issubdtype(dtype, np.bool_):
@@ -91,6 +119,7 @@ def run_cpu(model_path: str | os.PathLike[str], feeds: Mapping[str, np.ndarray],
     import onnxruntime as ort
 
     options = ort.SessionOptions()
+    options.log_severity_level = 4  # its own error log line would repeat the exception's, coloured
     if not optimize:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     try:

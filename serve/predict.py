@@ -16,7 +16,7 @@ from typing import Any, BinaryIO, TextIO
 
 import numpy as np
 
-from bnpipe.errors import BnpipeError
+from bnpipe.errors import BnpipeError, discard_stream, output_error
 from bnpipe.serve.image import load_digits
 from bnpipe.serve.inputs import STDIN, Item, expand_inputs
 from bnpipe.serve.output import json_line, text_lines
@@ -145,17 +145,6 @@ def predict(model: Model, decoded: Iterable[tuple[Sequence[Item], np.ndarray, di
         yield out
 
 
-def _discard(stream: TextIO) -> None:
-    """Point ``stream``'s file descriptor at /dev/null, so that Python's flush at exit cannot fail again."""
-    try:
-        fd = stream.fileno()
-    except (OSError, ValueError):  # io.UnsupportedOperation (an in-memory stream) is both
-        return
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, fd)
-    os.close(devnull)
-
-
 def _emit(out: list[str], err: list[str], stdout: TextIO, stderr: TextIO) -> None:
     """Write one batch's lines: results to ``stdout``, flushed so that they precede its errors on ``stderr``.
 
@@ -170,8 +159,7 @@ def _emit(out: list[str], err: list[str], stdout: TextIO, stderr: TextIO) -> Non
     except BrokenPipeError:
         raise
     except OSError as exc:
-        _discard(stdout)
-        raise BnpipeError(f"cannot write output: {exc.strerror or exc}") from None
+        raise output_error(stdout, exc) from None
     if err:
         stderr.write("\n".join(err) + "\n")
 
@@ -217,6 +205,6 @@ def run(paths: Sequence[str], model_path: str, device: str = "auto", batch_size:
                 out, err = ([json_line(p) for p in batch], []) if as_json else text_lines(batch)
                 _emit(out, err, stdout, stderr)
     except BrokenPipeError:  # the reader went away (`| head`): stop quietly
-        _discard(stdout)
+        discard_stream(stdout)
         return 1
     return 1 if failed else 0

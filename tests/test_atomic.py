@@ -32,13 +32,15 @@ def test_unwritable_place_is_one_line(tmp_path: Path) -> None:
 def test_check_writable_fails_early_and_touches_nothing(tmp_path: Path) -> None:
     from bnpipe.atomic import check_writable
 
-    check_writable(tmp_path / "new" / "m.pt")
-    assert [p.name for p in (tmp_path / "new").iterdir()] == []
-    with pytest.raises(BnpipeError, match="not a file name"):
+    check_writable(tmp_path / "new" / "deeper" / "m.pt")
+    assert list(tmp_path.iterdir()) == []  # the folders it made for the trial are gone: a later failure leaves none
+    with pytest.raises(BnpipeError, match="the output path is empty"):
         check_writable("")
     with pytest.raises(BnpipeError, match="not a file name"):
         check_writable(tmp_path)
     blocker = tmp_path / "file"
     blocker.write_text("x")
-    with pytest.raises(BnpipeError, match="cannot write"):
+    with pytest.raises(BnpipeError, match=f"cannot write: {blocker} is a file, not a folder"):
         check_writable(blocker / "m.pt")
+    with pytest.raises(BnpipeError, match=f"cannot write: {blocker} is a file, not a folder"):
+        check_writable(blocker / "deeper" / "m.pt")

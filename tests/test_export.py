@@ -155,10 +155,11 @@ def _bad_checkpoint(kind: str, tmp_path: Path, good: Path) -> Path:
 
 @pytest.mark.parametrize(
     ("kind", "needle"),
-    [("missing", "no such file"), ("corrupt", "not a readable checkpoint file"), ("other_arch", "resnet18"),
+    [("missing", "no such file"), ("corrupt", "not a readable checkpoint file (truncated or corrupt"),
+     ("other_arch", "resnet18"),
      ("other_weights", "does not fit"), ("missing_weights", "running_var"),
      ("bad_preprocessing", "field 'preprocessing'"), ("tab_label", "field 'labels'"),
-     ("bad_metrics", "field 'metrics'"), ("image_size", "image_size 32"), ("onnx_file", "not a readable checkpoint file"),
+     ("bad_metrics", "field 'metrics'"), ("image_size", "image_size 32"), ("onnx_file", "not a readable checkpoint file (not a file torch.save wrote)"),
      ("not_bnpipe", "not a bnpipe checkpoint")],
 )
 def test_bad_checkpoint_is_one_line(trained_checkpoint: Path, tmp_path: Path, kind: str, needle: str) -> None:
@@ -169,3 +170,12 @@ def test_bad_checkpoint_is_one_line(trained_checkpoint: Path, tmp_path: Path, ki
     lines = result.output.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("bnpipe: error: checkpoint") and needle in lines[0], lines
     assert not out.exists()
+
+
+def test_a_data_root_named_but_empty_is_an_error_not_random_pixels(trained_checkpoint: Path, tmp_path: Path) -> None:
+    out = tmp_path / "m.onnx"
+    result = CliRunner().invoke(cli, ["export", "--checkpoint", str(trained_checkpoint), "--out", str(out),
+                                      "--data", str(tmp_path / "typo")])
+    assert result.exit_code == 1 and not out.exists()
+    assert result.output == f"bnpipe: error: --data {tmp_path / 'typo'}: no MNIST test images " \
+                            f"({tmp_path / 'typo' / 'MNIST' / 'raw' / 't10k-images-idx3-ubyte'} is missing)\n"

@@ -11,7 +11,9 @@ import pytest
 from onnx import helper, numpy_helper
 
 from bnpipe.export.fold_math import bn_scale, fold_bn_arrays
+from bnpipe.errors import BnpipeError
 from bnpipe.export.onnx_fold_file import FoldFileReport, fold_onnx_file
+from bnpipe.export.onnx_verify import default_tolerance
 from tests.onnx_graphs import (
     assert_same_per_channel, bn_node, layer_bn, make_model, ops, run, with_bn,
 )  # fmt: skip
@@ -107,7 +109,7 @@ def test_bn_graph_output_keeps_its_name_and_metadata_is_kept(tmp_path: Path) -> 
     onnx.checker.check_model(folded, full_check=True)
 
 
-def test_external_data_loads_and_saves(tmp_path: Path) -> None:
+def test_external_data_loads_and_saves(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     model = layer_bn("Conv", dims=3)  # a 2.5 KB weight: past onnx's 1 KB threshold for external data
     src, out = tmp_path / "in.onnx", tmp_path / "out" / "folded.onnx"
     stored = onnx.ModelProto()
@@ -120,6 +122,40 @@ def test_external_data_loads_and_saves(tmp_path: Path) -> None:
     external = [t.name for t in bare.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
     assert external == [bare.graph.node[0].input[1]]  # the folded 2.5 KB weight; the bias stays inline
     assert_same_outputs(model, folded, {"x": (2, 4, 5, 5, 5)})
+    # Again, from the output's folder: onnx's own save refuses when OUT.data exists in the current directory.
+    monkeypatch.chdir(out.parent)
+    fold_onnx_file(src, "folded.onnx")
+    assert onnx.load("folded.onnx").SerializeToString() == folded.SerializeToString()
+    (tmp_path / "in.weights").unlink()
+    with pytest.raises(BnpipeError, match=f"^{src}: cannot read its external data "):
+        fold_onnx_file(src, out)
+
+
+def test_the_binary_format_whatever_the_suffix(tmp_path: Path) -> None:
+    src, out = tmp_path / "in.json", tmp_path / "out.json"  # onnx would parse and write JSON for these names
+    onnx.save(layer_bn("Conv"), str(src), format="protobuf")
+    fold_onnx_file(src, out)
+    assert ops(onnx.load(str(out), format="protobuf"))["BatchNormalization"] == 0
+    assert onnx.ModelProto.FromString(out.read_bytes()).graph.node  # the binary format on disk
+
+
+def test_a_failed_fold_leaves_no_folder_and_points_at_shape(tmp_path: Path) -> None:
+    model = layer_bn("Conv")  # a 3x3 conv: the check's dynamic dims of 1 make an input it cannot run
+    for d in model.graph.input[0].type.tensor_type.shape.dim[2:]:
+        d.dim_param = "side"
+    src, out = tmp_path / "in.onnx", tmp_path / "new" / "deeper" / "out.onnx"
+    onnx.save(model, str(src))
+    with pytest.raises(BnpipeError, match=r"dynamic dims of x were set to 1 for the check: give real shapes "
+                                          r"with --shape NAME=D1,D2,...\)$") as info:
+        fold_onnx_file(src, out)
+    assert "\n" not in str(info.value) and sorted(p.name for p in tmp_path.iterdir()) == ["in.onnx"]
+    assert fold_onnx_file(src, out, shapes={"x": (2, 4, 5, 5)}).max_rel_diff < 1e-5
+
+
+def test_default_tolerance_follows_the_narrowest_float_type() -> None:
+    assert default_tolerance(layer_bn("Conv")) == 1e-4
+    assert default_tolerance(layer_bn("Conv", dtype=np.float16, elem=F16)) == 8 * 2.0**-10
+    assert default_tolerance(layer_bn("Conv", dtype=np.float16, elem=onnx.TensorProto.FLOAT)) == 8 * 2.0**-10
 
 
 def test_float16_weights_are_rounded_once(tmp_path: Path) -> None:
@@ -127,7 +163,8 @@ def test_float16_weights_are_rounded_once(tmp_path: Path) -> None:
     for t in model.graph.initializer:  # gamma 1e3 over var 1e-8 would overflow float16's 65504
         if t.name in ("bn.gamma", "bn.var"):
             t.CopyFrom(numpy_helper.from_array(np.linspace(0.5, 1.5, 6).astype(np.float16), t.name))
-    _, folded = fold_file(model, tmp_path, tolerance=1e-2)
+    report, folded = fold_file(model, tmp_path)  # the default tolerance for float16: 8 epsilons, not 1e-4
+    assert report.tolerance == 8 * 2.0**-10 and report.max_rel_diff > 1e-4
     inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
     new = {t.name: numpy_helper.to_array(t) for t in folded.graph.initializer}
     conv = folded.graph.node[0]

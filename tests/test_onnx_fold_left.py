@@ -94,7 +94,7 @@ def test_bn_left_with_its_reason_and_strict_refuses(tmp_path: Path, case: str) -
     assert report.folded == [] and list(report.left) == ["bn"] and words in report.left["bn"]
     assert ops(onnx.load(str(out)))["BatchNormalization"] == 1
     out.unlink()
-    with pytest.raises(BnpipeError, match=r"^bn: BatchNormalization cannot be folded: "):
+    with pytest.raises(BnpipeError, match=r"^--strict: 1 BatchNormalization cannot be folded: bn \("):
         fold_onnx_file(src, out, strict=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.onnx"]
 
@@ -166,7 +166,8 @@ def test_cli_folds_and_reports(tmp_path: Path) -> None:
     assert lines[1] == "folded bn into layer" and "max difference" in lines[2] and lines[3].startswith("done in")
 
 
-@pytest.mark.parametrize("case", ["missing", "not-onnx", "same-file", "unwritable", "bad-shape", "unknown-input"])
+@pytest.mark.parametrize("case", ["missing", "not-onnx", "same-file", "unwritable", "bad-shape", "empty-shape",
+                                  "unknown-input", "wrong-rank"])
 def test_cli_bad_input_is_one_line(tmp_path: Path, case: str) -> None:
     src, out = tmp_path / "in.onnx", tmp_path / "out.onnx"
     onnx.save(layer_bn("Conv"), str(src))
@@ -175,13 +176,17 @@ def test_cli_bad_input_is_one_line(tmp_path: Path, case: str) -> None:
         "not-onnx": ([str(tmp_path / "text.onnx"), str(out)], "not an ONNX model"),
         "same-file": ([str(src), str(src)], "is the input file"),
         "unwritable": ([str(src), str(tmp_path / "text.onnx" / "out.onnx")], "cannot write"),  # under a file
-        "bad-shape": ([str(src), str(out), "--shape", "x=1,a"], "--shape 'x=1,a': expected NAME=D1,D2"),
+        # A malformed --shape is a usage error (exit 2); a zero dim makes an empty tensor, which proves nothing.
+        "bad-shape": ([str(src), str(out), "--shape", "x=1,a"], "'--shape': 'x=1,a': expected NAME=D1,D2"),
+        "empty-shape": ([str(src), str(out), "--shape", "x=0,3,8,8"], "'--shape': 'x=0,3,8,8': expected NAME=D1,D2"),
         "unknown-input": ([str(src), str(out), "--shape", "z=1"], "--shape z: the model has no such input"),
+        "wrong-rank": ([str(src), str(out), "--shape", "x=2,3"], "--shape x=2,3: the input is [2, 4, 5, 5]"),
     }[case]  # fmt: skip
     (tmp_path / "text.onnx").write_text("not a model, just some text\n" * 20)
     before = src.read_bytes()
     code, lines = _fold_cli(*args)
-    assert code == 1 and len(lines) == 1 and lines[0].startswith("bnpipe: error: ") and needle in lines[0], lines
+    assert code == (2 if case.endswith("-shape") else 1), lines
+    assert len(lines) == 1 and lines[0].startswith("bnpipe: error: ") and needle in lines[0], lines
     assert not out.exists() and src.read_bytes() == before
 
 
@@ -203,5 +208,5 @@ def test_random_inputs_take_each_inputs_type_and_shape() -> None:
     assert random_inputs(model, {})["x"].shape == (1, 3, 1)  # dynamic dims take 1
     feeds = random_inputs(model, {"x": (4, 3, 7)})
     assert feeds["x"].shape == (4, 3, 7) and feeds["x"].dtype == np.uint8 and feeds["x"].max() > 1
-    with pytest.raises(BnpipeError, match=r"--shape x=4,2,7: the input is \[1, 3, 1\]"):
+    with pytest.raises(BnpipeError, match=r"--shape x=4,2,7: the input is \[batch, 3, h\]"):
         random_inputs(model, {"x": (4, 2, 7)})

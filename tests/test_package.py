@@ -4,6 +4,7 @@ import subprocess
 import sys
 from importlib import metadata
 
+import click
 import pytest
 from click.testing import CliRunner
 
@@ -54,3 +55,24 @@ def test_no_arguments_still_show_the_help() -> None:
     result = CliRunner().invoke(cli, [], prog_name="bnpipe")
     assert result.exit_code == 2 and result.stderr.startswith("Usage: bnpipe [OPTIONS] COMMAND")
     assert "Commands:" in result.stderr and ": error:" not in result.stderr
+
+
+@pytest.mark.parametrize("args", [["--version"], ["fold", "--help"], ["fold", "x.onnx"]])
+def test_a_full_stdout_is_one_line_not_a_traceback(args: list[str]) -> None:
+    with open("/dev/full", "w") as full:  # every write fails with ENOSPC
+        out = subprocess.run([sys.executable, "-m", "bnpipe", *args], stdout=full, stderr=subprocess.PIPE, text=True)
+    if args == ["fold", "x.onnx"]:  # a usage error goes to stderr: the full stdout is never written
+        assert out.returncode == 2 and out.stderr.startswith("bnpipe: error: Missing argument"), out.stderr
+        return
+    assert (out.returncode, out.stderr) == (1, "bnpipe: error: cannot write output: No space left on device\n")
+
+
+@click.command()
+def _interrupted() -> None:
+    raise KeyboardInterrupt
+
+
+def test_ctrl_c_exits_130_as_the_shell_expects(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(COMMANDS, "interrupted", f"{__name__}:_interrupted")
+    result = CliRunner().invoke(cli, ["interrupted"], prog_name="bnpipe")
+    assert result.exit_code == 130 and "Aborted" not in result.output

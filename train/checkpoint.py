@@ -6,6 +6,7 @@ import hashlib
 import io
 import math
 import os
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -67,8 +68,10 @@ def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
         # weights_only: a checkpoint is plain dicts, lists and tensors; never unpickle code.
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - torch raises many types for a bad file
-        # torch's own text for a foreign file suggests an unsafe reload; the type says enough.
-        raise BnpipeError(f"checkpoint {path}: not a readable checkpoint file ({type(exc).__name__})") from None
+        # torch's own texts run to paragraphs, and for a foreign file suggest an unsafe reload.
+        why = ("truncated or corrupt: not a complete zip archive" if "zip archive" in str(exc) else
+               "not a file torch.save wrote" if isinstance(exc, pickle.UnpicklingError) else type(exc).__name__)
+        raise BnpipeError(f"checkpoint {path}: not a readable checkpoint file ({why})") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise BnpipeError(f"checkpoint {path}: not a bnpipe checkpoint (expected format {FORMAT!r})")
     missing = [k for k in REQUIRED_KEYS if k not in ckpt]
