@@ -181,6 +181,9 @@ def fold_onnx_file(
             raise BnpipeError(f"{out}: verification failed, max difference {diff:.3g} of the output's magnitude "
                               f"exceeds --tolerance {tolerance:g}; no file written")  # fmt: skip
         if (Path(stage) / data_name).exists():  # tensors under 1 KB stay inside the model file
+            # Two files cannot be replaced as one: an old OUT must never be seen with the new weights,
+            # whose offsets it would read as its own. So it goes first; a crash between leaves no OUT.
+            out_path.unlink(missing_ok=True)
             with atomic_path(out_path.parent / data_name) as tmp:
                 shutil.move(str(Path(stage) / data_name), tmp)
         with atomic_path(out_path) as tmp:

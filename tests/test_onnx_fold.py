@@ -131,6 +131,26 @@ def test_external_data_loads_and_saves(tmp_path: Path, monkeypatch: pytest.Monke
         fold_onnx_file(src, out)
 
 
+def test_an_old_out_is_never_left_beside_new_external_data(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import shutil
+
+    src, out = tmp_path / "in.onnx", tmp_path / "out.onnx"
+    onnx.save(layer_bn("Conv", dims=3), str(src), save_as_external_data=True, location="in.weights", size_threshold=0)
+    fold_onnx_file(src, out)
+    moves: list[str] = []
+
+    def move(a: str, b: str) -> None:  # the process dies after the weights' rename, before the model's
+        moves.append(b)
+        if len(moves) == 2:
+            raise KeyboardInterrupt
+        shutil.copyfile(a, b)
+
+    monkeypatch.setattr("bnpipe.export.onnx_fold_file.shutil.move", move)
+    with pytest.raises(KeyboardInterrupt):
+        fold_onnx_file(src, out)
+    assert not out.exists() and (tmp_path / "out.onnx.data").exists()  # missing, never paired with other weights
+
+
 def test_the_binary_format_whatever_the_suffix(tmp_path: Path) -> None:
     src, out = tmp_path / "in.json", tmp_path / "out.json"  # onnx would parse and write JSON for these names
     onnx.save(layer_bn("Conv"), str(src), format="protobuf")
