@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from bnpipe.params import FiniteRange
 from bnpipe.train.config import DEFAULT_CHECKPOINT
 
 DEFAULT_ONNX = "models/bn_convnet.onnx"
@@ -17,7 +18,7 @@ DEFAULT_ONNX = "models/bn_convnet.onnx"
 @click.option("--fold-bn/--no-fold-bn", default=False, show_default=True,
               help="Fold each BatchNorm's moving statistics into the conv/linear layer before it.")
 @click.option("--strict", is_flag=True, help="With --fold-bn: a BatchNorm that cannot be folded is an error.")
-@click.option("--tolerance", type=click.FloatRange(min=0), default=1e-4, show_default=True,
+@click.option("--tolerance", type=FiniteRange(min=0), default=1e-4, show_default=True,
               help="Largest max |logit difference| against PyTorch before the export fails.")
 @click.option("--opset", type=click.IntRange(min=18, max=25), default=18, show_default=True,
               help="ONNX opset version (the dynamo exporter needs 18 or newer).")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from bnpipe.errors import BnpipeError
+from bnpipe.params import FiniteRange
 
 
 def _shapes(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> dict[str, tuple[int, ...]]:
@@ -21,7 +22,7 @@ def _shapes(ctx: click.Context, param: click.Parameter, values: tuple[str, ...])
 @click.argument("out", metavar="OUT.onnx", type=click.Path(dir_okay=False))
 @click.option("--shape", "shapes", multiple=True, metavar="NAME=D1,D2,...", callback=_shapes,
               help="Shape of an input for verification (repeatable); other dynamic dims are 1.")
-@click.option("--tolerance", type=click.FloatRange(min=0), default=None,
+@click.option("--tolerance", type=FiniteRange(min=0), default=None,
               help="Largest max |difference| against the original, relative to the output's magnitude "
                    "[default: 1e-4; 8 epsilons for a float16 or bfloat16 model].")
 @click.option("--strict", is_flag=True, help="A BatchNormalization that cannot be folded is an error.")

@@ -42,5 +42,27 @@ def test_corrupt_file_is_named(tiny_mnist: Path, tmp_path: Path) -> None:
     shutil.copytree(tiny_mnist, root)
     images = root / "MNIST" / "raw" / "t10k-images-idx3-ubyte"
     images.write_bytes(images.read_bytes()[:1000])  # truncated
-    with pytest.raises(BnpipeError, match="corrupt"):
+    with pytest.raises(BnpipeError, match=f"^{images}: IDX header says .* but holds 984 bytes$"):
         load_mnist(root, train=False)
+
+
+def test_a_label_out_of_range_is_named(tiny_mnist: Path, tmp_path: Path) -> None:
+    import shutil
+
+    root = tmp_path / "copy"
+    shutil.copytree(tiny_mnist, root)
+    labels = root / "MNIST" / "raw" / "train-labels-idx1-ubyte"
+    data = bytearray(labels.read_bytes())
+    data[8] = 200  # the first label, after the 8-byte header
+    labels.write_bytes(bytes(data))
+    with pytest.raises(BnpipeError, match=f"^{labels}: holds label 200; MNIST labels are 0 to 9$"):
+        load_mnist(root, train=True)
+
+
+def test_raw_files_in_the_root_itself_get_a_hint(tiny_mnist: Path, tmp_path: Path) -> None:
+    import shutil
+
+    flat = tmp_path / "flat"
+    shutil.copytree(tiny_mnist / "MNIST" / "raw", flat)
+    with pytest.raises(BnpipeError, match=f"they are in {flat} itself: move them into {flat}/MNIST/raw$"):
+        load_mnist(flat, train=True, download=False)

@@ -172,3 +172,17 @@ def test_precise_bn_on_two_ranks_averages_over_both(tiny_mnist: Path, tmp_path: 
     ddp, single = state(tmp_path / "ddp.pt"), state(tmp_path / "one.pt")
     assert load_checkpoint(tmp_path / "ddp.pt")["metrics"][-1]["precise_bn_batches"] == 3
     assert max(max_diff(ddp, single, "running_mean"), max_diff(ddp, single, "running_var")) < 1e-5
+
+
+def test_ctrl_c_reaching_the_launcher_exits_130_without_a_traceback(tiny_mnist: Path, tmp_path: Path) -> None:
+    import select
+
+    args = train_args(tiny_mnist, tmp_path / "m.pt", "--nproc-per-node", "2")
+    args[args.index("--epochs") + 1] = "1000"  # still running when the signal comes
+    proc = start([sys.executable, *args], clean_env())
+    assert proc.stdout is not None
+    ready, _, _ = select.select([proc.stdout], [], [], 60)
+    assert ready and proc.stdout.readline().startswith("DDP on gloo"), "the workers did not start"
+    os.killpg(proc.pid, signal.SIGINT)  # as Ctrl-C in a terminal: the whole foreground group
+    code, _, err = finish(proc, 60)
+    assert code == 130 and "Traceback" not in err, err[-3000:]

@@ -25,8 +25,9 @@ def _stop_after(monkeypatch: pytest.MonkeyPatch, epochs: int) -> None:
     """Interrupt the run right after the checkpoint of epoch ``epochs`` is written, as a Ctrl-C would."""
     real = loop.write_artifacts
 
-    def write_then_stop(config: TrainConfig, net: object, arch: object, norm: object, metrics: list, state: dict) -> None:
-        real(config, net, arch, norm, metrics, state)
+    def write_then_stop(config: TrainConfig, net: object, arch: object, norm: object, metrics: list, state: dict,
+                        run: dict) -> None:
+        real(config, net, arch, norm, metrics, state, run)
         if state["epoch"] == epochs:
             raise KeyboardInterrupt
 

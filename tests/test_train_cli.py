@@ -26,6 +26,8 @@ def test_train_writes_checkpoint_sidecar_and_plot(tiny_mnist: Path, tmp_path: Pa
     assert ckpt["config"]["epochs"] == 2 and len(ckpt["metrics"]) == 2
     sidecar = json.loads(out.with_suffix(".json").read_text())
     assert METRIC_KEYS <= set(sidecar["metrics"][0]) and sidecar["config"]["normalize"] == "dataset"
+    assert sidecar["run"] == ckpt["run"] == {"device": "cpu", "processes": 1, "torch_version": torch.__version__}
+    assert sidecar["bnpipe_version"] == ckpt["bnpipe_version"]
     assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert sorted(p.name for p in out.parent.iterdir()) == ["m.json", "m.png", "m.pt"], "no temp files left"
     model_from_checkpoint(ckpt)  # rebuilt from the checkpoint alone
@@ -58,6 +60,11 @@ def test_scratch_checkpoint_loads_into_torch_bn(tiny_mnist: Path, tmp_path: Path
         (["--epochs", "0"], 2, "--epochs"),
         (["--bn", "group"], 2, "--bn"),
         (["--lr", "-1"], 2, "--lr"),
+        (["--lr", "nan"], 2, "'--lr': 'nan' is not a finite number"),
+        (["--weight-decay", "inf"], 2, "'--weight-decay': 'inf' is not a finite number"),
+        (["--dist-timeout", "nan"], 2, "'--dist-timeout': 'nan' is not a finite number"),
+        (["--seed", "-1"], 2, "'--seed': -1 is not in the range"),
+        (["--seed", str(2**64)], 2, "'--seed'"),
         (["--device", "cuda"], 1, "--device cuda: no CUDA GPU"),
     ],
 )
@@ -130,3 +137,43 @@ def test_non_finite_loss_keeps_last_good_checkpoint(tiny_mnist: Path, tmp_path: 
     assert result.exit_code == 1 and "non-finite" in result.output
     assert not [w for w in caught if issubclass(w.category, RuntimeWarning)]  # the one line, no numpy overflow noise
     assert out.read_bytes() == before
+
+
+def test_non_finite_test_loss_stops_the_run(tiny_mnist: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import bnpipe.train.loop as loop
+
+    real, calls = loop.evaluate, []
+
+    def nan_in_epoch_two(*args: object, **kwargs: object) -> tuple[float, float]:
+        calls.append(1)
+        loss, acc = real(*args, **kwargs)
+        return (float("nan") if len(calls) == 2 else loss), acc  # e.g. BN statistics gone non-finite
+
+    monkeypatch.setattr(loop, "evaluate", nan_in_epoch_two)
+    out = tmp_path / "m.pt"
+    result = _train(["--data", str(tiny_mnist), "--epochs", "3", "--out", str(out)])
+    assert result.exit_code == 1 and "test loss became non-finite in epoch 2" in result.output
+    assert [m["epoch"] for m in load_checkpoint(out)["metrics"]] == [1]
+
+
+def test_each_epoch_is_written_before_its_line(tiny_mnist: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import bnpipe.train.loop as loop
+
+    out, seen = tmp_path / "m.pt", []
+
+    def log(line: str) -> None:  # a reader that goes away after the first line, as `| head -1`
+        seen.append(line)
+        if line.startswith("epoch 2/"):
+            raise BrokenPipeError
+
+    monkeypatch.setattr(loop, "resolve_device", lambda device: torch.device("cpu"))
+    config = loop.TrainConfig(data=str(tiny_mnist), epochs=3, device="cpu", out=str(out))
+    with pytest.raises(BrokenPipeError):
+        loop.train(config, log=log)
+    assert [m["epoch"] for m in load_checkpoint(out)["metrics"]] == [1, 2]  # epoch 2 was saved before its line
+
+
+def test_a_global_batch_under_the_process_count_is_refused_before_any_worker(tiny_mnist: Path, tmp_path: Path) -> None:
+    result = _train(["--data", str(tiny_mnist), "--batch-size", "1", "--nproc-per-node", "2", "--out", str(tmp_path / "m.pt")])
+    assert result.exit_code == 1 and not (tmp_path / "m.pt").exists()
+    assert result.output == "bnpipe: error: --batch-size 1: the global batch is split over 2 processes; give it at least 2\n"

@@ -69,8 +69,10 @@ def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - torch raises many types for a bad file
         # torch's own texts run to paragraphs, and for a foreign file suggest an unsafe reload.
-        why = ("truncated or corrupt: not a complete zip archive" if "zip archive" in str(exc) else
-               "not a file torch.save wrote" if isinstance(exc, pickle.UnpicklingError) else type(exc).__name__)
+        text = str(exc)
+        why = ("truncated or corrupt: not a complete zip archive" if "zip archive" in text or isinstance(exc, OSError)
+               else "it holds Python objects, not only tensors and plain containers" if "can still be loaded" in text
+               else "not a file torch.save wrote" if isinstance(exc, pickle.UnpicklingError) else type(exc).__name__)
         raise BnpipeError(f"checkpoint {path}: not a readable checkpoint file ({why})") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise BnpipeError(f"checkpoint {path}: not a bnpipe checkpoint (expected format {FORMAT!r})")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 from click.core import ParameterSource
 
+from bnpipe.params import FiniteRange
 from bnpipe.train.config import DEVICES, NORMALIZE_MODES, SCHEDULES, TRAIN_BN_CHOICES, TrainConfig
 
 D = TrainConfig()  # the defaults live in one place
@@ -16,10 +17,10 @@ D = TrainConfig()  # the defaults live in one place
 @click.option("--epochs", type=click.IntRange(min=1), default=D.epochs, show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=1), default=D.batch_size, show_default=True,
               help="The global batch: with several processes each takes its share.")
-@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=D.lr, show_default=True,
+@click.option("--lr", type=FiniteRange(min=0, min_open=True), default=D.lr, show_default=True,
               help="Peak learning rate of SGD.")
-@click.option("--momentum", type=click.FloatRange(0, 1, max_open=True), default=D.momentum, show_default=True)
-@click.option("--weight-decay", type=click.FloatRange(min=0), default=D.weight_decay, show_default=True)
+@click.option("--momentum", type=FiniteRange(0, 1, max_open=True), default=D.momentum, show_default=True)
+@click.option("--weight-decay", type=FiniteRange(min=0), default=D.weight_decay, show_default=True)
 @click.option("--schedule", type=click.Choice(SCHEDULES), default=D.schedule, show_default=True,
               help="Learning-rate schedule over all steps (onecycle: warm up for 20%, then anneal).")
 @click.option("--bn", type=click.Choice(TRAIN_BN_CHOICES), default=D.bn, show_default=True,
@@ -27,7 +28,8 @@ D = TrainConfig()  # the defaults live in one place
                    "batch statistics over all processes (nn.SyncBatchNorm on CUDA, ours on the CPU).")
 @click.option("--normalize", type=click.Choice(NORMALIZE_MODES), default=D.normalize, show_default=True,
               help="Input normalization: half is (x/255-0.5)/0.5; dataset uses the training set's mean and std.")
-@click.option("--seed", type=int, default=D.seed, show_default=True, help="Same seed, same machine: same weights.")
+@click.option("--seed", type=click.IntRange(0, 2**63 - 1), default=D.seed, show_default=True,
+              help="Same seed, same machine: same weights.")
 @click.option("--device", type=click.Choice(DEVICES), default=D.device, show_default=True)
 @click.option("--limit-train", type=click.IntRange(min=1), default=None,
               help="Train on the first N training images only (quick runs).")
@@ -39,7 +41,7 @@ D = TrainConfig()  # the defaults live in one place
               help="Continue the run that wrote this checkpoint, with its own settings (writes to it unless --out).")
 @click.option("--nproc-per-node", type=click.IntRange(min=1), default=None,
               help="Train in N processes through torch.distributed.run (DDP; 1 thread each when N > 1).")
-@click.option("--dist-timeout", type=click.FloatRange(min=0, min_open=True), default=D.dist_timeout,
+@click.option("--dist-timeout", type=FiniteRange(min=0, min_open=True), default=D.dist_timeout,
               show_default=True, help="Seconds to wait for the other processes when joining and at each collective.")
 @click.pass_context
 def train(ctx: click.Context, resume: str | None, nproc_per_node: int | None, **options: object) -> None:
@@ -52,10 +54,12 @@ def train(ctx: click.Context, resume: str | None, nproc_per_node: int | None, **
     given = {k: v for k, v in options.items() if ctx.get_parameter_source(k) != ParameterSource.DEFAULT}
     if nproc_per_node is not None:
         from bnpipe.errors import BnpipeError
-        from bnpipe.train.distributed import launch, launched_by_torchrun
+        from bnpipe.train.distributed import check_batch, launch, launched_by_torchrun
 
         if launched_by_torchrun():
             raise BnpipeError("--nproc-per-node: this process is already a torchrun worker; give the count to torchrun")
+        if resume is None:  # before any worker starts (a resumed run's batch is the checkpoint's: workers check)
+            check_batch(options["batch_size"], nproc_per_node)  # type: ignore[arg-type]
 
         if resume is not None:
             given["resume"] = resume

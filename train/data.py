@@ -44,15 +44,39 @@ def load_mnist(root: str | os.PathLike[str], train: bool, download: bool = True)
         if missing:
             for p in reversed(created):  # leave no empty folders behind from a failed download
                 shutil.rmtree(p, ignore_errors=True)
+            flat = all((root / f).is_file() for f in missing)
             raise BnpipeError(
-                f"MNIST not found in {raw} and could not be downloaded; put the four raw files "
-                f"({', '.join(RAW_FILES)}) there, or point --data/BNPIPE_DATA at their root"
+                f"MNIST not found in {raw} ({', '.join(missing)} missing) and could not be downloaded; "
+                + (f"they are in {root} itself: move them into {raw}" if flat else
+                   "put the raw files there, or point --data/BNPIPE_DATA at the folder that holds MNIST/raw")
             ) from None
-        raise BnpipeError(f"MNIST files in {raw} are corrupt or unreadable: {one_line(exc)}") from None
+        raise _corrupt(raw, train, exc) from None
     images, labels = ds.data, ds.targets
     if images.dim() != 3 or images.dtype != torch.uint8 or labels.shape != images.shape[:1]:
         raise BnpipeError(
             f"MNIST files in {raw} are inconsistent: images {tuple(images.shape)} {images.dtype}, "
             f"labels {tuple(labels.shape)}"
         )
+    if labels.numel() and not 0 <= int(labels.min()) <= int(labels.max()) < len(CLASSES):
+        bad = int(labels.max()) if int(labels.max()) >= len(CLASSES) else int(labels.min())
+        raise BnpipeError(f"{raw / _split_files(train)[1]}: holds label {bad}; MNIST labels are 0 to {len(CLASSES) - 1}")
     return images.unsqueeze(1).contiguous(), labels.to(torch.int64)
+
+
+def _split_files(train: bool) -> tuple[str, str]:
+    """The (images, labels) raw file names of a split."""
+    return RAW_FILES[:2] if train else RAW_FILES[2:]
+
+
+def _corrupt(raw: Path, train: bool, exc: Exception) -> BnpipeError:
+    """Which raw file torchvision could not read, and why (its own exceptions say neither)."""
+    from bnpipe.serve.samples import read_idx  # the IDX reader with one-line errors
+
+    for name, ndim in zip(_split_files(train), (3, 1)):
+        try:
+            array = read_idx(raw / name)
+        except BnpipeError as found:
+            return found
+        if array.ndim != ndim:
+            return BnpipeError(f"{raw / name}: {array.ndim} dimensions; this MNIST file has {ndim}")
+    return BnpipeError(f"MNIST files in {raw} are corrupt or unreadable: {one_line(exc)}")

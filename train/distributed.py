@@ -143,6 +143,17 @@ def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
     return torch.randperm(n, generator=torch.Generator().manual_seed(key))
 
 
+def check_batch(batch_size: int, processes: int) -> None:
+    """Refuse a global batch that cannot give each of ``processes`` at least one sample (BN needs samples).
+
+    Raises:
+        BnpipeError: ``batch_size`` is under ``processes``.
+    """
+    if batch_size < processes:
+        raise BnpipeError(f"--batch-size {batch_size}: the global batch is split over {processes} processes; "
+                          f"give it at least {processes}")
+
+
 def batch_count(samples: int, batch_size: int, world: World) -> int:
     """Global batches in an epoch of ``samples``: a last batch with fewer samples than ranks is dropped,
     so that no rank gets an empty batch (BN needs samples)."""
@@ -184,6 +195,7 @@ def launch(nproc_per_node: int, train_args: list[str]) -> None:
     Raises:
         BnpipeError: A worker failed (its own error line is printed above by that worker).
     """
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import main as torchrun
 
@@ -197,5 +209,7 @@ def launch(nproc_per_node: int, train_args: list[str]) -> None:
         rank, failure = exc.get_first_failure()
         raise BnpipeError(f"training worker rank {rank} of {nproc_per_node} failed (exit code {failure.exitcode}); "
                           "its error is above") from None
+    except SignalException as exc:  # Ctrl-C or a kill reached the launcher: it has stopped the workers
+        raise SystemExit(128 + int(exc.sigval)) from None  # the shell's status for death by that signal
     finally:
         sys.stdout.flush()

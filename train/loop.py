@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 from collections.abc import Callable
@@ -17,11 +18,11 @@ from bnpipe.datadir import resolve_data_root
 from bnpipe.errors import BnpipeError
 from bnpipe.train import graphed, step
 from bnpipe.train.allocator import keep_freed_memory
-from bnpipe.train.artifacts import write_artifacts
+from bnpipe.train.artifacts import run_facts, write_artifacts
 from bnpipe.train.config import TrainConfig
 from bnpipe.train.data import load_mnist
-from bnpipe.train.distributed import (SINGLE, World, all_reduce_sum, batch_count, broadcast_buffers, close_world,
-                                     env_world, epoch_order, init_world, local_batches)
+from bnpipe.train.distributed import (SINGLE, World, all_reduce_sum, batch_count, broadcast_buffers, check_batch,
+                                      close_world, env_world, epoch_order, init_world, local_batches)
 from bnpipe.train.model import build_model, default_arch
 from bnpipe.train.precise_bn import recompute_bn_stats
 from bnpipe.train.preprocess import Normalization
@@ -158,6 +159,7 @@ def _train(config: TrainConfig, log: Callable[[str], None], resume: str | None, 
     """The body of :func:`train`, inside the process group (if any)."""
     from torch.nn.parallel import DistributedDataParallel
 
+    check_batch(config.batch_size, world.size)
     if resume is None and world.distributed:
         resume = restart_checkpoint(config)  # torchrun restarted us: continue our own run
     ckpt = load_resume(resume, config) if resume else None
@@ -219,6 +221,9 @@ def _train(config: TrainConfig, log: Callable[[str], None], resume: str | None, 
             raise BnpipeError(f"training loss became non-finite in epoch {epoch} (try a lower --lr){kept}") from None
         broadcast_buffers(net, world)  # without --bn sync each rank has its own BN statistics; keep rank 0's
         test_loss, test_acc = evaluate(net, test_x, test_y, norm, world=world)
+        if not math.isfinite(test_loss):  # finite training losses, yet weights or BN statistics are not
+            kept = f"; the last good checkpoint is still {config.out}" if metrics else "; no checkpoint was written"
+            raise BnpipeError(f"test loss became non-finite in epoch {epoch}{kept}")
         row = {"epoch": epoch, "train_loss": train_loss, "train_acc": train_acc, "test_loss": test_loss,
                "test_acc": test_acc, "seconds": time.perf_counter() - t0, "lr": optimizer.param_groups[0]["lr"]}
         line = (f"epoch {epoch}/{config.epochs}  train loss {train_loss:.4f} acc {train_acc:.4f}  "
@@ -230,9 +235,10 @@ def _train(config: TrainConfig, log: Callable[[str], None], resume: str | None, 
             row["test_loss"], row["test_acc"] = evaluate(net, test_x, test_y, norm, world=world)
             line += f"  precise BN ({ran} batches): test loss {row['test_loss']:.4f} acc {row['test_acc']:.4f}"
         metrics.append(row)
+        if world.is_main:  # before the line: a reader that has gone away (`| head -1`) loses no epoch
+            write_artifacts(config, net, arch, norm, metrics, resume_state(epoch, optimizer, scheduler),
+                            run_facts(device, world.size))
         log(line)
-        if world.is_main:
-            write_artifacts(config, net, arch, norm, metrics, resume_state(epoch, optimizer, scheduler))
     return metrics
 
 
