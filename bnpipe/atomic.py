@@ -21,20 +21,27 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     (a read-only or full disk, a missing permission) becomes a one-line ``BnpipeError``.
 
     Args:
-        path: The final destination. Its parent directory is created if needed.
+        path: The final destination. Its parent directory is created if needed, and removed again
+            (with the parents it made) if the body raises.
 
     Yields:
         A fresh path that the caller writes the complete content to.
     """
     final = Path(path)
-    try:
-        final.parent.mkdir(parents=True, exist_ok=True)
-        # Keep the real suffix last so that writers which dispatch on it (matplotlib) still work.
-        fd, tmp = tempfile.mkstemp(prefix=f".{final.stem}.", suffix=f".tmp{final.suffix}", dir=final.parent)
-    except OSError as exc:
-        raise _cannot_write(final, exc) from None
-    os.close(fd)
-    tmp_path = Path(tmp)
+    with made_dirs(final.parent, final):
+        try:
+            # Keep the real suffix last so that writers which dispatch on it (matplotlib) still work.
+            fd, tmp = tempfile.mkstemp(prefix=f".{final.stem}.", suffix=f".tmp{final.suffix}", dir=final.parent)
+        except OSError as exc:
+            raise _cannot_write(final, exc) from None
+        os.close(fd)
+        with _replacing(Path(tmp), final) as tmp_path:
+            yield tmp_path
+
+
+@contextlib.contextmanager
+def _replacing(tmp_path: Path, final: Path) -> Iterator[Path]:
+    """Yield ``tmp_path``; then sync it and rename it onto ``final``, or remove it if anything fails."""
     try:
         yield tmp_path
         with open(tmp_path, "rb+") as f:
@@ -59,13 +66,18 @@ def _cannot_write(final: Path, exc: OSError) -> BnpipeError:
 
 
 @contextlib.contextmanager
-def made_dirs(folder: str | os.PathLike[str]) -> Iterator[None]:
-    """Create ``folder`` and its missing parents; remove those it created if the body raises."""
+def made_dirs(folder: str | os.PathLike[str], target: str | os.PathLike[str] | None = None) -> Iterator[None]:
+    """Create ``folder`` and its missing parents; remove those it created if the body raises.
+
+    Args:
+        folder: The folder to make.
+        target: The file it is made for, which an error names (``folder`` itself by default).
+    """
     missing = [f for f in [Path(folder), *Path(folder).parents] if not f.exists()]
     try:
         Path(folder).mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise _cannot_write(Path(folder), exc) from None
+        raise _cannot_write(Path(target if target is not None else folder), exc) from None
     try:
         yield
     except BaseException:
@@ -78,7 +90,7 @@ def made_dirs(folder: str | os.PathLike[str]) -> Iterator[None]:
 def check_writable(path: str | os.PathLike[str]) -> None:
     """Fail early, before any long work, when ``path`` could not be written atomically later.
 
-    Folders it has to make for the trial are removed again: a command that fails later leaves none.
+    Folders made for the trial are removed again (`atomic_path`): a command that fails later leaves none.
 
     Raises:
         BnpipeError: The name is empty or names a folder, or its folder cannot be made or written.
@@ -89,7 +101,7 @@ def check_writable(path: str | os.PathLike[str]) -> None:
     if not final.name or final.is_dir():
         raise BnpipeError(f"{str(path)!r}: not a file name")
     try:
-        with made_dirs(final.parent), atomic_path(final):
+        with atomic_path(final):
             raise _Probe  # leave the target untouched: the temporary file is made, then removed
     except _Probe:
         pass

@@ -24,7 +24,6 @@ from bnpipe.export.onnx_verify import (
 )  # fmt: skip
 
 
-
 @dataclass
 class FoldFileReport:
     """What `bnpipe fold` did to a file and how the result compared with the original."""
@@ -46,7 +45,8 @@ class FoldFileReport:
         out += [f"folded {bn} into {producer}" for producer, bn in self.folded]
         out += [f"left in place: {bn} ({why})" for bn, why in self.left.items()]
         out += [f"verified with onnxruntime (CPU) on random inputs: max difference {self.max_rel_diff:.3g} "
-                f"of the output's magnitude (tolerance {self.tolerance:g})", f"done in {self.seconds:.2f}s"]  # fmt: skip
+                f"of the output's magnitude (tolerance {self.tolerance:g})",
+                f"done in {self.seconds:.2f}s"]  # fmt: skip
         return out
 
 
@@ -181,11 +181,12 @@ def fold_onnx_file(
             raise BnpipeError(f"{out}: verification failed, max difference {diff:.3g} of the output's magnitude "
                               f"exceeds --tolerance {tolerance:g}; no file written")  # fmt: skip
         if (Path(stage) / data_name).exists():  # tensors under 1 KB stay inside the model file
-            # Two files cannot be replaced as one: an old OUT must never be seen with the new weights,
-            # whose offsets it would read as its own. So it goes first; a crash between leaves no OUT.
-            out_path.unlink(missing_ok=True)
             with atomic_path(out_path.parent / data_name) as tmp:
                 shutil.move(str(Path(stage) / data_name), tmp)
+                # Two files cannot be replaced as one: an old OUT must never be seen with the new weights,
+                # whose offsets it would read as its own. So it goes once they are written, before they
+                # take the name; a crash between the renames leaves no OUT.
+                out_path.unlink(missing_ok=True)
         with atomic_path(out_path) as tmp:
             shutil.move(str(staged), tmp)
     return FoldFileReport(out_path, before, graph_stats(model), diff, tolerance, time.perf_counter() - t0,

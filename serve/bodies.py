@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 from bnpipe.serve.v2 import V2Error
 
 ENCODINGS = ("gzip", "deflate")
+MAX_GZIP_MEMBERS = 16  # concatenated gzip streams in one body (clients send one)
 _WBITS = {"gzip": 31, "deflate": 15}  # 31: gzip wrapper; 15: zlib wrapper (HTTP's "deflate", RFC 9110)
 
 
@@ -87,7 +88,7 @@ def _inflate(data: bytes, wbits: int, encoding: str, limit: int) -> bytes:
     """`inflate` in one wrapper format; gzip members one after another make one body (RFC 1952)."""
     parts: list[bytes] = []
     size = 0
-    while True:
+    for _ in range(MAX_GZIP_MEMBERS):  # each member copies the bytes after it: bounded, never quadratic
         inflater = zlib.decompressobj(wbits)
         out = inflater.decompress(data, limit + 1 - size)  # at least 1: size <= limit here
         size += len(out)
@@ -99,6 +100,8 @@ def _inflate(data: bytes, wbits: int, encoding: str, limit: int) -> bytes:
         data = inflater.unused_data
         if wbits != _WBITS["gzip"] or data[:2] != b"\x1f\x8b":  # another member starts with gzip's magic
             break
+    else:
+        raise V2Error(f"the {encoding} body has more than {MAX_GZIP_MEMBERS} members")
     if data:
         raise V2Error(f"the {encoding} body has {len(data)} bytes after its end")
     return parts[0] if len(parts) == 1 else b"".join(parts)

@@ -8,7 +8,6 @@ the reason it could not be read. A bad image never stops the others.
 from __future__ import annotations
 
 import contextlib
-import os
 import sys
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field

@@ -23,6 +23,9 @@ from bnpipe.serve.output import json_line
 from bnpipe.serve.predict import Prediction, rank, softmax
 from bnpipe.serve.v2 import V2Error
 
+# The multipart parser logs each fault in a client's body as a warning on stderr; the 400 already says it.
+logging.getLogger("python_multipart").setLevel(logging.ERROR)
+
 
 def _query_int(request: Request, key: str, default: int, low: int) -> int:
     raw = request.query_params.get(key)
@@ -45,8 +48,6 @@ async def image_bytes(request: Request, body: bytes) -> tuple[bytes, str]:
         return body, STDIN
     from starlette.formparsers import MultiPartException, MultiPartParser
 
-    # The parser logs each fault in a client's body as a warning on stderr; the 400 already says it.
-    logging.getLogger("python_multipart").setLevel(logging.ERROR)
 
     try:
         form = await MultiPartParser(request.headers, _once(body), max_files=1, max_fields=8).parse()

@@ -27,7 +27,6 @@ DTYPES: dict[str, np.dtype] = {name: np.dtype(t) for name, t in [
     ("FP32", np.float32), ("FP64", np.float64)]}
 
 
-
 class V2Error(Exception):
     """A request the server refuses: ``status`` is the HTTP code, the message one line."""
 
@@ -71,9 +70,9 @@ def _check_shape(shape: list[int], spec: TensorSpec, model: str, max_batch: int)
         raise V2Error(f"inference request batch-size must be <= {max_batch} for '{model}', got {shape[0]}")
 
 
-def _has_bool(data: list[Any]) -> bool:
+def _has_bool(data: Any) -> bool:
     """Whether a (regular, numpy-accepted) nested list holds a JSON true or false."""
-    return any(v is True or v is False or (type(v) is list and _has_bool(v)) for v in data)
+    return type(data) is list and any(v is True or v is False or _has_bool(v) for v in data)
 
 
 def _json_data(data: Any, spec: TensorSpec, count: int, where: str) -> np.ndarray:

@@ -40,7 +40,17 @@ def test_check_writable_fails_early_and_touches_nothing(tmp_path: Path) -> None:
         check_writable(tmp_path)
     blocker = tmp_path / "file"
     blocker.write_text("x")
-    with pytest.raises(BnpipeError, match=f"cannot write: {blocker} is a file, not a folder"):
+    with pytest.raises(BnpipeError, match=f"^{blocker / 'm.pt'}: cannot write: {blocker} is a file, not a folder$"):
         check_writable(blocker / "m.pt")
-    with pytest.raises(BnpipeError, match=f"cannot write: {blocker} is a file, not a folder"):
+    with pytest.raises(BnpipeError, match=f"^{blocker}/deeper/m.pt: cannot write: {blocker} is a file, not a folder$"):
         check_writable(blocker / "deeper" / "m.pt")
+
+
+def test_a_failed_write_removes_the_folders_it_made(tmp_path: Path) -> None:
+    from bnpipe.atomic import atomic_path
+
+    (tmp_path / "kept").mkdir()
+    with pytest.raises(RuntimeError), atomic_path(tmp_path / "kept" / "new" / "deeper" / "m.onnx") as tmp:
+        tmp.write_bytes(b"half")
+        raise RuntimeError("verification failed")
+    assert [p.name for p in tmp_path.rglob("*")] == ["kept"]  # the folder that was there stays

@@ -140,6 +140,8 @@ def test_inflate_round_trips(encoding: str, pack: Any) -> None:
 
 def test_gzip_members_one_after_another_are_one_body() -> None:
     assert inflate(gzip.compress(b"seven ") + gzip.compress(b"eight"), "gzip", 100) == b"seven eight"
+    with pytest.raises(V2Error, match="more than 16 members"):  # each member copies the rest: bounded
+        inflate(gzip.compress(b"") * 17, "gzip", 100)
     with pytest.raises(V2Error, match="larger than the limit of 10") as info:  # the limit counts every member
         inflate(gzip.compress(bytes(6)) + gzip.compress(bytes(6)), "gzip", 10)
     assert info.value.status == 413
@@ -244,8 +246,17 @@ def test_header_cache_answers_as_parse_infer_and_keeps_only_binary_headers() -> 
     assert len(cache._headers) == 1  # the one valid binary header; errors and JSON data are not kept
 
 
-
 @pytest.mark.parametrize("raw,expected", [("784", 784), (" 784\t", 784), ("+5", None), ("-1", None), ("5 5", None),
                                           ("\u00b2", None), ("9" * 19, None), ("", None)])
 def test_decimal_header_values(raw: str, expected: int | None) -> None:
     assert decimal(raw) == expected
+
+
+def test_a_scalar_data_for_a_one_value_input_is_a_value_not_a_crash() -> None:
+    one = [TensorSpec("pixels", "UINT8", (-1, 1))]
+    for data, ok in ((5, True), ([5], True), (True, False), ([True], False)):
+        head = json.dumps({"inputs": [pixels_input([1, 1], data=data)]}).encode()
+        try:
+            assert parse_infer(head, None, "m", one, OUTPUTS, 8).inputs["pixels"].tolist() == [[5]] and ok
+        except V2Error as exc:
+            assert not ok and "not UINT8" in str(exc)

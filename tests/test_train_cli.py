@@ -156,12 +156,13 @@ def test_non_finite_test_loss_stops_the_run(tiny_mnist: Path, tmp_path: Path, mo
     assert [m["epoch"] for m in load_checkpoint(out)["metrics"]] == [1]
 
 
-def test_each_epoch_is_written_before_its_line(tiny_mnist: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_each_epoch_is_written_before_its_line(tiny_mnist: Path, tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
     import bnpipe.train.loop as loop
 
     out, seen = tmp_path / "m.pt", []
 
-    def log(line: str) -> None:  # a reader that goes away after the first line, as `| head -1`
+    def log(line: str) -> None:  # the reader went away after line 1 (`| head -1`): printing line 2 fails
         seen.append(line)
         if line.startswith("epoch 2/"):
             raise BrokenPipeError
@@ -174,6 +175,7 @@ def test_each_epoch_is_written_before_its_line(tiny_mnist: Path, tmp_path: Path,
 
 
 def test_a_global_batch_under_the_process_count_is_refused_before_any_worker(tiny_mnist: Path, tmp_path: Path) -> None:
-    result = _train(["--data", str(tiny_mnist), "--batch-size", "1", "--nproc-per-node", "2", "--out", str(tmp_path / "m.pt")])
+    result = _train(["--data", str(tiny_mnist), "--batch-size", "1", "--nproc-per-node", "2",
+                     "--out", str(tmp_path / "m.pt")])
     assert result.exit_code == 1 and not (tmp_path / "m.pt").exists()
     assert result.output == "bnpipe: error: --batch-size 1: the global batch is split over 2 processes; give it at least 2\n"

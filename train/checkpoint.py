@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import math
@@ -69,11 +70,7 @@ def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - torch raises many types for a bad file
         # torch's own texts run to paragraphs, and for a foreign file suggest an unsafe reload.
-        text = str(exc)
-        why = ("truncated or corrupt: not a complete zip archive" if "zip archive" in text or isinstance(exc, OSError)
-               else "it holds Python objects, not only tensors and plain containers" if "can still be loaded" in text
-               else "not a file torch.save wrote" if isinstance(exc, pickle.UnpicklingError) else type(exc).__name__)
-        raise BnpipeError(f"checkpoint {path}: not a readable checkpoint file ({why})") from None
+        raise BnpipeError(f"checkpoint {path}: not a readable checkpoint file ({_unreadable(exc)})") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise BnpipeError(f"checkpoint {path}: not a bnpipe checkpoint (expected format {FORMAT!r})")
     missing = [k for k in REQUIRED_KEYS if k not in ckpt]
@@ -138,3 +135,17 @@ def file_sha256(path: str | os.PathLike[str]) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def _unreadable(exc: Exception) -> str:
+    """Why torch.load refused a file, in a few words: its own texts run to paragraphs."""
+    text = str(exc)
+    if "zip archive" in text or (isinstance(exc, OSError) and exc.errno == errno.EINVAL):  # EINVAL: cut short
+        return "truncated or corrupt: not a complete zip archive"
+    if isinstance(exc, OSError):
+        return f"cannot read it ({exc.strerror or one_line(exc)})"
+    if "can still be loaded" in text:  # weights_only met a class: a pickled module, not a checkpoint
+        return "it holds Python objects, not only tensors and plain containers"
+    if isinstance(exc, pickle.UnpicklingError):
+        return "not a file torch.save wrote"
+    return type(exc).__name__

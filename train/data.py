@@ -59,7 +59,8 @@ def load_mnist(root: str | os.PathLike[str], train: bool, download: bool = True)
         )
     if labels.numel() and not 0 <= int(labels.min()) <= int(labels.max()) < len(CLASSES):
         bad = int(labels.max()) if int(labels.max()) >= len(CLASSES) else int(labels.min())
-        raise BnpipeError(f"{raw / _split_files(train)[1]}: holds label {bad}; MNIST labels are 0 to {len(CLASSES) - 1}")
+        raise BnpipeError(f"{raw / _split_files(train)[1]}: holds label {bad}; "
+                          f"MNIST labels are 0 to {len(CLASSES) - 1}")
     return images.unsqueeze(1).contiguous(), labels.to(torch.int64)
 
 

@@ -217,13 +217,10 @@ def _train(config: TrainConfig, log: Callable[[str], None], resume: str | None, 
             train_loss, train_acc = train_one_epoch(model, train_inputs, train_y, optimizer, scheduler,
                                                     config.batch_size, order, world, progress, hook)
         except FloatingPointError:
-            kept = f"; the last good checkpoint is still {config.out}" if metrics else "; no checkpoint was written"
-            raise BnpipeError(f"training loss became non-finite in epoch {epoch} (try a lower --lr){kept}") from None
+            raise BnpipeError(f"training loss became non-finite in epoch {epoch} (try a lower --lr)"
+                              f"{_kept(config, metrics)}") from None
         broadcast_buffers(net, world)  # without --bn sync each rank has its own BN statistics; keep rank 0's
         test_loss, test_acc = evaluate(net, test_x, test_y, norm, world=world)
-        if not math.isfinite(test_loss):  # finite training losses, yet weights or BN statistics are not
-            kept = f"; the last good checkpoint is still {config.out}" if metrics else "; no checkpoint was written"
-            raise BnpipeError(f"test loss became non-finite in epoch {epoch}{kept}")
         row = {"epoch": epoch, "train_loss": train_loss, "train_acc": train_acc, "test_loss": test_loss,
                "test_acc": test_acc, "seconds": time.perf_counter() - t0, "lr": optimizer.param_groups[0]["lr"]}
         line = (f"epoch {epoch}/{config.epochs}  train loss {train_loss:.4f} acc {train_acc:.4f}  "
@@ -234,6 +231,8 @@ def _train(config: TrainConfig, log: Callable[[str], None], resume: str | None, 
             row.update(precise_bn_batches=ran, test_loss_before_precise_bn=test_loss, test_acc_before_precise_bn=test_acc)
             row["test_loss"], row["test_acc"] = evaluate(net, test_x, test_y, norm, world=world)
             line += f"  precise BN ({ran} batches): test loss {row['test_loss']:.4f} acc {row['test_acc']:.4f}"
+        if not math.isfinite(row["test_loss"]):  # finite training losses, yet weights or BN statistics are not
+            raise BnpipeError(f"test loss became non-finite in epoch {epoch}{_kept(config, metrics)}")
         metrics.append(row)
         if world.is_main:  # before the line: a reader that has gone away (`| head -1`) loses no epoch
             write_artifacts(config, net, arch, norm, metrics, resume_state(epoch, optimizer, scheduler),
@@ -242,3 +241,6 @@ def _train(config: TrainConfig, log: Callable[[str], None], resume: str | None, 
     return metrics
 
 
+def _kept(config: TrainConfig, metrics: list[dict[str, float]]) -> str:
+    """The end of a stopped run's error line: what is left on disk."""
+    return f"; the last good checkpoint is still {config.out}" if metrics else "; no checkpoint was written"
