@@ -39,14 +39,11 @@ def export(checkpoint: str, out: str, fold_bn: bool, strict: bool, tolerance: fl
     """
     if strict and not fold_bn:
         raise click.UsageError("--strict only applies with --fold-bn")
-    from bnpipe.datadir import mnist_test_images, resolve_data_root
-    from bnpipe.errors import BnpipeError
+    from bnpipe.datadir import resolve_data_root
     from bnpipe.export.pipeline import export_checkpoint
 
-    if data is not None and not mnist_test_images(data).is_file():  # asked for by name: random pixels would hide a typo
-        raise BnpipeError(f"--data {data}: no MNIST test images ({mnist_test_images(data)} is missing)")
     report = export_checkpoint(checkpoint, out, fold_bn=fold_bn, strict=strict, tolerance=tolerance, opset=opset,
                                data_root=resolve_data_root(data), triton_repo=triton_repo,
-                               triton_device=triton_device, triton_name=triton_name)
+                               triton_device=triton_device, triton_name=triton_name, require_data=data is not None)
     for line in report.lines():
         click.echo(line)

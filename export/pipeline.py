@@ -12,6 +12,7 @@ import onnx
 import torch
 
 from bnpipe.atomic import atomic_path, check_writable
+from bnpipe.datadir import mnist_test_images
 from bnpipe.errors import BnpipeError, one_line
 from bnpipe.export.fold import fold_batchnorms
 from bnpipe.export.onnx_export import (
@@ -77,6 +78,7 @@ def export_checkpoint(
     triton_repo: str | os.PathLike[str] | None = None,
     triton_device: str = "gpu",
     triton_name: str = "bnpipe",
+    require_data: bool = False,
 ) -> ExportReport:
     """Export a checkpoint to ONNX, optionally folding BN first, and verify the written file.
 
@@ -96,11 +98,15 @@ def export_checkpoint(
             copy of the verified model as ``<name>/1/model.onnx``.
         triton_device: The repository's instance kind, ``gpu`` or ``cpu``.
         triton_name: The model's name in the repository.
+        require_data: ``data_root`` was named by the user: it must hold the MNIST test images (random
+            pixels would hide a typo).
 
     Raises:
         BnpipeError: Bad checkpoint, refused folding, or a verification failure.
     """
     t0 = time.perf_counter()
+    if require_data and data_root is not None and not mnist_test_images(data_root).is_file():
+        raise BnpipeError(f"--data {data_root}: no MNIST test images ({mnist_test_images(data_root)} is missing)")
     if Path(out).resolve() == Path(checkpoint).resolve():
         raise BnpipeError(f"--out {out}: would overwrite the checkpoint it exports")
     check_writable(out)  # before the exports, not after
